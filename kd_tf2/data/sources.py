@@ -64,6 +64,18 @@ class Split:
     with tf.init_scope(), tf.device("/cpu:0"):  # eager even if first used inside a tf.function
       return tf.constant(self.images)
 
+  @functools.cached_property
+  def pixel_stats(self):
+    """Per-channel (mean, std) of the pixels on the [0, 1] scale, exact (from uint8 histograms)."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(self.images.shape[-1]):
+      hist = np.bincount(self.images[..., c].ravel(), minlength=256).astype(np.float64)
+      m = float(hist @ levels / hist.sum())
+      mean.append(m)
+      std.append(max(float(np.sqrt(hist @ (levels - m) ** 2 / hist.sum())), 1e-3))
+    return tuple(mean), tuple(std)
+
 
 def read(name, split, data_dir=None, image_size=None):
   """Decoded ``split`` of dataset ``name`` (cached per process)."""
@@ -99,22 +111,7 @@ def normalization(name, split_data, data_dir=None, image_size=None):
     return KNOWN_STATS[base]
   if "train" in split_data.splits:
     split_data = read(name, "train", data_dir, image_size)
-  return _pixel_stats(split_data)
-
-
-def _pixel_stats(split_data):
-  # Memoised on the (cached, long-lived) Split object itself.
-  if not hasattr(split_data, "_stats"):
-    images = split_data.images
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    mean, std = [], []
-    for c in range(images.shape[-1]):  # exact, from a histogram of the uint8 values
-      hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-      m = float(hist @ levels / hist.sum())
-      mean.append(m)
-      std.append(max(float(np.sqrt(hist @ (levels - m) ** 2 / hist.sum())), 1e-3))
-    split_data._stats = (tuple(mean), tuple(std))
-  return split_data._stats
+  return split_data.pixel_stats
 
 
 def _resized(split_data, image_size):
