@@ -9,3 +9,11 @@ message names the bad value and what is accepted.
 
 class UsageError(ValueError):
   """Bad input from the user (flag, file, name, incompatible pair): print the message, exit 1."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss term became NaN/inf: the run stopped without checkpointing the bad weights."""
+
+
+class TrainingInterrupted(RuntimeError):
+  """SIGTERM/SIGINT during training: a checkpoint was written, a rerun resumes from it."""

@@ -58,7 +58,6 @@ import keras
 import tensorflow as tf
 
 from kd_tf2.errors import UsageError
-from nets.outputs import Outputs
 
 
 class StepOutput(NamedTuple):
@@ -106,12 +105,17 @@ class StepContext:
   num_replicas: replicas in sync; each replica's loss is divided by it so that the SUM all-reduce
                 of the gradients equals the gradient of the global-batch mean
                 (= ``tf.nn.compute_average_loss`` for equal per-replica batches).
+  defer:        when True (the engine's XLA path), ``minimize`` records the gradients instead of
+                applying them; the engine returns them from the compiled function and applies them
+                outside it (XLA cannot run the distributed optimiser update).
   """
 
-  def __init__(self, optimizer, variables, num_replicas=1):
+  def __init__(self, optimizer, variables, num_replicas=1, defer=False):
     self.optimizer = optimizer
     self.variables = list(variables)
     self.num_replicas = int(num_replicas)
+    self.defer = bool(defer)
+    self._pending = []
 
   def loss_scale(self):
     """Mixed-float16 loss scale of a ``keras.optimizers.LossScaleOptimizer``, else 1."""
@@ -135,11 +139,19 @@ class StepContext:
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     if not pairs:
       raise ValueError("no variable of this phase received a gradient")
-    self.optimizer.apply_gradients(pairs)
+    if self.defer:
+      self._pending.append(pairs)
+    else:
+      self.optimizer.apply_gradients(pairs)
 
   def minimize(self, loss, tape, variables=None):
     """``apply(gradients(loss, tape))``: one optimiser update from a per-replica loss."""
     self.apply(self.gradients(loss, tape, variables), variables)
+
+  def take_pending(self):
+    """The (gradient, variable) pairs recorded in ``defer`` mode since the last call."""
+    pending, self._pending = [pair for pairs in self._pending for pair in pairs], []
+    return pending
 
 
 class _NetRefs:
