@@ -1,0 +1,85 @@
+"""Distil a student from a teacher (or train one net alone with --method=none).
+
+    python train.py --method=AT --arch=resnet8x4 --teacher_arch=resnet32x4 --dataset=cifar100
+
+Without --teacher_ckpt a --teacher_arch net is trained first into TRAIN_DIR/teacher (or reused).
+Rerunning the same command resumes from the last checkpoint. Progress goes to the console and to
+TensorBoard (``tensorboard --logdir runs``); the student is exported to TRAIN_DIR/student.keras and
+TRAIN_DIR/saved_model. The last line printed is the results as JSON. Bad input: one line on stderr,
+exit code 2. SIGTERM/Ctrl-C: a checkpoint is written and the process exits 0.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from kd_tf2 import cli  # noqa: E402
+from kd_tf2.errors import TrainingDiverged, TrainingInterrupted  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("method", "ST", "Distillation method (case-insensitive; see --helpfull for "
+                    "the list), e.g. none, ST (KD), AT, FitNet.")
+flags.DEFINE_string("arch", "resnet8x4", "Student architecture (a nets name).")
+flags.DEFINE_string("teacher_arch", "resnet32x4", "Teacher architecture (a nets name).")
+flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file, or reference "
+                    "weights (.npz, .pth). Empty: train a --teacher_arch teacher into "
+                    "TRAIN_DIR/teacher first (or reuse it).")
+flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
+                    "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
+flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
+flags.DEFINE_float("fraction", 1.0, "Class-balanced fraction of the training set, in (0, 1].")
+flags.DEFINE_integer("seed", 0, "Seed of the subset, shuffling, augmentation and initialisation.")
+flags.DEFINE_integer("epochs", 240, "Epochs of the main phase (lr x0.1 at 62.5/75/87.5%).")
+flags.DEFINE_integer("teacher_epochs", None, "Epochs of the teacher when it is trained here "
+                     "(default: --epochs).")
+flags.DEFINE_integer("init_epochs", None, "Epochs of the method's init stage (FitNet hint, AB, "
+                     "FSP, FT, MHGD; default: the method's).")
+flags.DEFINE_integer("batch_size", 64, "Global batch size (divisible by the replicas).")
+flags.DEFINE_float("lr", None, "Base learning rate (default 0.05; 0.01 for MobileNetV2 and "
+                   "ShuffleNet students).")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
+flags.DEFINE_float("ce_weight", None, "Weight of the cross-entropy (RepDistiller -r; default: "
+                   "the method's).")
+flags.DEFINE_float("kd_weight", None, "Weight of the soft-target KD term (-a; default: the "
+                   "method's).")
+flags.DEFINE_float("method_weight", None, "Weight of the method's own loss (-b; default: the "
+                   "method's).")
+flags.DEFINE_float("temperature", None, "Temperature of the KD term (default 4).")
+flags.DEFINE_string("train_dir", "", "Where checkpoints, TensorBoard events and exports go "
+                    "(default runs/<dataset>/<method>_<teacher>_<student>_seed<seed>).")
+flags.DEFINE_string("strategy", "auto", "auto | one_device | mirrored | multi_worker | tpu.")
+flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test "
+                     "distribution without GPUs).")
+flags.DEFINE_boolean("jit_compile", False, "Compile the per-replica step with XLA (slower than "
+                     "oneDNN on CPU).")
+flags.DEFINE_boolean("mixed_precision", False, "mixed_float16 on GPU (loss scaling), "
+                     "mixed_bfloat16 on CPU/TPU.")
+
+_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "dataset", "data_dir", "fraction",
+           "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
+           "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
+           "cpu_replicas", "jit_compile", "mixed_precision")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
+  values = {name: FLAGS[name].value for name in _FIELDS}
+  cli.run_guarded(cli.start_tensorflow, values["cpu_replicas"])
+  from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
+  try:
+    results = cli.run_guarded(engine.train, engine.TrainConfig(**values), flags=values)
+  except TrainingInterrupted as e:
+    print(f"train.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(0)
+  except TrainingDiverged as e:
+    cli.fail(e, code=1)
+  print(json.dumps(results, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.flags_parser(FLAGS))
