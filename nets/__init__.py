@@ -9,8 +9,8 @@ from nets.registry import available, canonical_name, create, register
 from nets.weights import load_reference_weights, read_state, reference_state
 
 # Importing the family modules registers their names.
-from nets import resnet  # noqa: F401  pylint: disable=wrong-import-position
-from nets import wrn  # noqa: F401  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from nets import resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2  # noqa: F401
 
 __all__ = ["Outputs", "available", "canonical_name", "create", "register",
            "load_reference_weights", "read_state", "reference_state"]

@@ -56,6 +56,14 @@ class ZooNet(keras.Model):
     return cls(**config)
 
 
+class Block(keras.layers.Layer):
+  """A block of a zoo net. Its sub-layers build themselves on first call; this ``build`` only marks
+  the block built, which spares Keras a second, symbolic trace of every block while building."""
+
+  def build(self, input_shape):
+    del input_shape
+
+
 def relu(x):
   return ops.relu(x)
 

@@ -45,11 +45,11 @@ def canonical_name(name):
         return key
     m = _WRN.fullmatch(lowered)
     if m:
-      from nets.wrn import check_wrn_depth  # pylint: disable=import-outside-toplevel
-      check_wrn_depth(int(m.group(1)), int(m.group(2)))
-      return f"wrn_{int(m.group(1))}_{int(m.group(2))}"
+      depth, width = int(m.group(1)), int(m.group(2))
+      if depth >= 10 and (depth - 4) % 6 == 0 and width >= 1:
+        return f"wrn_{depth}_{width}"
   raise ValueError(f"unknown net {name!r}; known nets: {', '.join(available())} "
-                   "(and any wrn_<depth>_<width> with depth = 6n + 4)")
+                   "(and any wrn_<depth>_<width> with depth = 6n + 4 >= 10, width >= 1)")
 
 
 def create(name, num_classes=100, *, synchronized_bn=False, **kwargs):

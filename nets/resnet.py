@@ -9,11 +9,11 @@ before its ReLU; embedding: global average of the last map, [B, w3].
 import keras
 
 from nets import layers as L
-from nets.base import ZooNet, prefixed, relu
+from nets.base import Block, ZooNet, prefixed, relu
 from nets.registry import register
 
 
-class BasicBlock(keras.layers.Layer):
+class BasicBlock(Block):
   """conv3x3/s → BN → ReLU → conv3x3 → BN, plus identity or (conv1x1/s → BN); returns (ReLU(sum), sum).
 
   ``shortcut_name`` is the PyTorch module name of the projection ('downsample' here, 'shortcut' in

@@ -56,7 +56,7 @@ def weight_table(model):
   return table
 
 
-def _clean(state):
+def clean_state(state):
   """Drop num_batches_tracked, strip a DataParallel ``module.`` prefix, convert to numpy."""
   out = {}
   for key, value in state.items():
@@ -78,7 +78,7 @@ def load_reference_weights(model, state):
   once and every model weight assigned: a missing, unexpected or mis-shaped key raises one
   ValueError naming it, and then nothing is assigned.
   """
-  state = _clean(state)
+  state = clean_state(state)
   table = weight_table(model)
   assignments = []
   for key, var, perm in table:
@@ -106,7 +106,7 @@ def reference_state(model):
   (without num_batches_tracked)."""
   state = {}
   for key, var, perm in weight_table(model):
-    value = keras.ops.convert_to_numpy(var)
+    value = np.asarray(var.numpy())
     state[key] = value if perm is None else np.transpose(value, _inverse(perm))
   return state
 

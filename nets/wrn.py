@@ -10,7 +10,7 @@ preacts are the next BN applied to them (``block2.layer.0.bn1``, ``block3.layer.
 import keras
 
 from nets import layers as L
-from nets.base import ZooNet, prefixed, relu
+from nets.base import Block, ZooNet, prefixed, relu
 from nets.registry import register
 
 
@@ -19,7 +19,7 @@ def check_wrn_depth(depth, width):
     raise ValueError(f"wrn_{depth}_{width}: WRN needs depth = 6n + 4 with n >= 1 and width >= 1")
 
 
-class WideBlock(keras.layers.Layer):
+class WideBlock(Block):
   """Pre-activation block. a = ReLU(bn1(x)); h = conv3x3/s(a) → bn2 → ReLU → conv3x3;
   out = h + (x if in == out else convShortcut1x1/s(a)) — no BN on the shortcut, no final ReLU.
 
