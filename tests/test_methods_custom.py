@@ -76,7 +76,7 @@ def run_checked(distiller, batch, *, lr=0.01, trained_nets=None):
   """One compiled step; checks finiteness, gradient coverage and that the teacher is untouched.
 
   trained_nets: the nets whose variables must be trained (default: the student). Returns
-  (terms as floats, logits, {id(variable): gradient norm}).
+  (terms as floats, logits, {id(variable): gradient norm}, the compiled step).
   """
   trained_nets = trained_nets or [distiller.student]
   teacher = distiller.teacher
@@ -86,7 +86,8 @@ def run_checked(distiller, batch, *, lr=0.01, trained_nets=None):
     assert not {id(v) for v in teacher.weights} & {id(v) for v in distiller.variables_to_train()}
   before = snapshot(teacher.weights)
   ctx = context(distiller, lr)
-  terms, logits, norms = compiled_step(distiller, ctx)(batch)
+  step = compiled_step(distiller, ctx)
+  terms, logits, norms = step(batch)
   terms = {k: float(v) for k, v in terms.items()}
   assert all(np.isfinite(v) for v in terms.values()), terms
   assert logits.shape == (batch["image"].shape[0], K)
@@ -98,7 +99,7 @@ def run_checked(distiller, batch, *, lr=0.01, trained_nets=None):
   if frozen:
     for old, new in zip(before, snapshot(teacher.weights)):
       np.testing.assert_array_equal(old, new)
-  return terms, logits, {k: n for k, (_, n) in by_id.items()}
+  return terms, logits, {k: n for k, (_, n) in by_id.items()}, step
 
 
 def label_logit_grad(net, images, labels, training, wrt_layer=None):
@@ -128,7 +129,7 @@ def test_sobolev_matches_input_gradient_reference_and_trains_second_order(pair):
   g_t = np_unit_rows(label_logit_grad(teacher, x, y, training=False))
   g_s = np_unit_rows(label_logit_grad(student, x, y, training=True))
   expected = 20.0 * np.mean((g_s - g_t) ** 2)
-  terms, _, norms = run_checked(d, batch)
+  terms, _, norms, _ = run_checked(d, batch)
   np.testing.assert_allclose(terms["sobolev"], expected, rtol=1e-4)
   # With CE off the classifier kernel is reached only through the input gradient (second order).
   assert norms[id(student.classifier.kernel)] > 0
@@ -151,7 +152,7 @@ def test_lwm_matches_grad_cam_reference_and_trains_second_order(pair):
   cam_s = np_cam(label_logit_grad(student, x, y, training=True, wrt_layer=2))
   assert cam_s.shape == (B, 16 * 16)
   expected = 0.4 * np.mean(np.abs(cam_s - cam_t))
-  terms, _, norms = run_checked(d, batch)
+  terms, _, norms, _ = run_checked(d, batch)
   np.testing.assert_allclose(terms["lwm"], expected, rtol=1e-4)
   assert norms[id(student.classifier.kernel)] > 0
 
@@ -194,9 +195,137 @@ def test_dml_trains_both_nets_from_one_forward_pass(pair):
   z_s = student(x, training=True).numpy()
   z_p = peer(x, training=True).numpy()
   peer_before = snapshot(peer.trainable_variables)
-  terms, _, _ = run_checked(d, batch, trained_nets=[student, peer])
+  terms, _, _, _ = run_checked(d, batch, trained_nets=[student, peer])
   np.testing.assert_allclose(terms["dml"], np_kl_batchmean(z_p, z_s), rtol=1e-4)
   np.testing.assert_allclose(terms["peer_dml"], np_kl_batchmean(z_s, z_p), rtol=1e-4)
   changed = [not np.array_equal(a, b) for a, b in zip(peer_before,
                                                       snapshot(peer.trainable_variables))]
   assert all(changed)
+
+
+# ----------------------------------------------------------------------------------- BSS
+
+def zoo_bss_lambda(epoch_1based, epochs, lambda_kd=2.0):
+  """The Zoo's schedule, written with its 1-based epoch."""
+  if epoch_1based <= 10:
+    return 0.0
+  return max(lambda_kd * (1 - 5 / 4 * (epoch_1based - 1) / epochs), 0.0)
+
+
+def test_bss_schedule_follows_the_zoo(pair):
+  d = distillers.create("BSS", *pair)
+  assert (d.method_weight, d.temperature, d.attack_size) == (2.0, 3.0, 32)
+  d.epochs = 100
+  for epoch in (0, 9, 10, 11, 50, 79, 80, 99):
+    d.epoch.assign(float(epoch))
+    np.testing.assert_allclose(float(d.weight()), zoo_bss_lambda(epoch + 1, 100), atol=1e-6)
+
+
+def test_bss_selects_the_candidates_with_the_largest_disagreement():
+  from kd_tf2.distillers.bss import select_candidates
+  rng = np.random.default_rng(4)
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int64)
+  t = rng.normal(size=(6, 3)).astype(np.float32)
+  s = rng.normal(size=(6, 3)).astype(np.float32)
+  t[np.arange(6), labels] += 6.0
+  s[np.arange(6), labels] += rng.uniform(4.0, 6.0, size=6).astype(np.float32)
+  s[4, 1] -= 20.0  # sample 4: student wrong
+  t[5, 2] -= 20.0  # sample 5: teacher wrong
+  correct = (s.argmax(1) == labels) & (t.argmax(1) == labels)
+  assert correct.tolist() == [True] * 4 + [False] * 2
+  p_t, p_s = np.exp(np_log_softmax(t)), np.exp(np_log_softmax(s))
+  diff = (p_t - p_s) ** 2
+  diff[np.arange(6), labels] = 0.0
+  ranked = [i for i in np.argsort(-diff.sum(axis=1)) if correct[i]]
+  rows, valid = select_candidates(tf.constant(s), tf.constant(t), tf.constant(labels), 3)
+  assert rows.numpy().tolist() == ranked[:3] and valid.numpy().all()
+  rows, valid = select_candidates(tf.constant(s), tf.constant(t), tf.constant(labels), 6)
+  assert rows.numpy()[:4].tolist() == ranked
+  assert valid.numpy().tolist() == [True] * 4 + [False] * 2
+
+
+def test_bss_attack_class_avoids_the_top_class_and_follows_the_teacher():
+  from kd_tf2.distillers.bss import sample_attack_class
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  draws = sample_attack_class(tf.constant(np.repeat(logits, 4000, axis=0))).numpy()
+  freq = np.bincount(draws, minlength=4) / draws.size
+  np.testing.assert_allclose(freq, [0.0, 0.6, 0.3, 0.1], atol=0.03)
+  assert freq[0] == 0.0
+
+
+def np_attack_step(x, w, target, attack, active, step_size=0.3, eps=1e-4):
+  """One Zoo BSS step for the linear model z = flatten(x) @ w."""
+  flat = x.reshape(x.shape[0], -1).astype(np.float64)
+  z = flat @ w
+  p = np.exp(np_log_softmax(z))
+  out = x.astype(np.float64).copy()
+  for a in range(x.shape[0]):
+    if not (active[a] and np.argmax(z[a]) == target[a]):
+      continue
+    dz = p[a, attack[a]] * (np.eye(w.shape[1])[attack[a]] - p[a])
+    dz -= p[a, target[a]] * (np.eye(w.shape[1])[target[a]] - p[a])
+    g = w @ dz
+    move = step_size * (p[a, target[a]] - p[a, attack[a]] + eps) * g / np.linalg.norm(g)
+    out[a] = np.clip(flat[a] + move, -2.5, 2.5).reshape(x.shape[1:])
+  return out
+
+
+def test_bss_attack_matches_one_zoo_step_and_stops_when_nothing_moves():
+  from kd_tf2.distillers.bss import boundary_attack
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(2 * 2 * 3, 4)).astype(np.float32)
+  x = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+  target = np.argmax(x.reshape(4, -1) @ w, axis=1).astype(np.int32)
+  attack = (target + 1) % 4
+  target[3] = (target[3] + 2) % 4  # row 3 is no longer predicted as its target: it stays
+  active = np.array([True, True, False, True])  # row 2 is not a candidate: it stays
+
+  def linear(images):
+    return tf.reshape(images, [tf.shape(images)[0], -1]) @ w
+
+  got = boundary_attack(linear, tf.constant(x), tf.constant(target), tf.constant(attack),
+                        tf.constant(active), steps=1).numpy()
+  np.testing.assert_allclose(got, np_attack_step(x, w, target, attack, active), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(got[2:], x[2:])
+  assert not np.allclose(got[:2], x[:2])
+  # Out-of-range pixels are left alone when no row moves (the Zoo breaks before clamping).
+  big = x * 10.0
+  idle = boundary_attack(linear, tf.constant(big), tf.constant(target), tf.constant(attack),
+                         tf.constant([False] * 4), steps=10).numpy()
+  np.testing.assert_array_equal(idle, big)
+  many = boundary_attack(linear, tf.constant(big), tf.constant(target), tf.constant(attack),
+                         tf.constant(active), steps=10).numpy()
+  assert np.abs(many[:2]).max() <= 2.5
+
+
+def test_bss_kl_is_masked_batch_mean_without_t2():
+  from kd_tf2.distillers.bss import kl_without_t2
+  rng = np.random.default_rng(6)
+  s, t = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+  mask = np.array([True, False, True, True, False])
+  expected = np_kl_batchmean(t[mask] / 3.0, s[mask] / 3.0)
+  got = kl_without_t2(tf.constant(s), tf.constant(t), 3.0, tf.constant(mask))
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_bss_step_attacks_after_warmup_and_trains_the_student(pair):
+  student, teacher = pair
+  d = distillers.create("BSS", student, teacher, attack_size=5)
+  d.epochs = 100
+  d.epoch.assign(10.0)
+  # Make every sample a candidate: both nets favour class 3, which is every label.
+  biases = [net.classifier.bias for net in (student, teacher)]
+  saved = snapshot(biases)
+  try:
+    for b in biases:
+      b.assign(b + 4.0 * tf.one_hot(3, K))
+    batch = dict(make_batch(7), label=tf.fill([B], tf.constant(3, tf.int64)))
+    assert (np.argmax(teacher(batch["image"]).numpy(), axis=1) == 3).all()
+    terms, _, _, step = run_checked(d, batch)
+    assert terms["bss"] > 0
+    d.epoch.assign(5.0)  # warm-up: no attack, no term
+    assert float(step(batch)[0]["bss"]) == 0.0
+  finally:
+    for b, value in zip(biases, saved):
+      b.assign(value)
