@@ -48,8 +48,10 @@ class ZooNet(keras.Model):
     return {}
 
   def get_config(self):
-    return {"name": self.name, "num_classes": self.num_classes,
-            "synchronized_bn": self.synchronized_bn, "arch": self.arch, **self.arch_config()}
+    return {"name": self.name, "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "num_classes": self.num_classes, "synchronized_bn": self.synchronized_bn,
+            "arch": self.arch, **self.arch_config()}
 
   @classmethod
   def from_config(cls, config):
