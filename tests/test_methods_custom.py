@@ -329,3 +329,152 @@ def test_bss_step_attacks_after_warmup_and_trains_the_student(pair):
   finally:
     for b, value in zip(biases, saved):
       b.assign(value)
+
+
+# ----------------------------------------------------------------------------------- CRD
+
+def np_contrast(scores, n_data, eps=1e-7):
+  """RepDistiller ContrastLoss (Eq. 18) on [B, K+1] scores."""
+  scores = np.asarray(scores, np.float64)
+  c = (scores.shape[1] - 1) / n_data
+  pos, neg = scores[:, 0], scores[:, 1:]
+  return -(np.log(pos / (pos + c + eps)).sum() + np.log(c / (neg + c + eps)).sum()) / len(scores)
+
+
+def np_embed(layer, e):
+  v = e.astype(np.float64) @ layer.kernel.numpy() + layer.bias.numpy()
+  return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_crd_sampler_draws_uniformly_from_other_training_classes():
+  from kd_tf2.distillers.crd import NegativeSampler
+  train_labels = np.array([2, 0, -1, 1, 0, 2, 2, -1, 1, 0, 0, 1])
+  sampler = NegativeSampler(train_labels)
+  assert (sampler.n_data, sampler.n_active, sampler.num_classes) == (12, 10, 3)
+  labels = np.array([0, 1, 2] * 200)
+  draws = sampler(tf.constant(labels), 300).numpy()
+  assert draws.shape == (600, 300)
+  for c in range(3):
+    got = draws[labels == c].ravel()
+    allowed = np.flatnonzero((train_labels >= 0) & (train_labels != c))
+    assert set(np.unique(got)) == set(allowed)
+    freq = np.bincount(got, minlength=12)[allowed] / got.size
+    np.testing.assert_allclose(freq, 1.0 / allowed.size, atol=0.01)
+
+
+def test_crd_matches_reference_on_a_deterministic_two_sample_split(pair):
+  student, teacher = pair
+  d = distillers.create("CRD", student, teacher, train_labels=np.array([0, 1]), n_data=2)
+  assert (d.method_weight, d.feat_dim, d.nce_t, d.nce_m) == (0.8, 128, 0.07, 0.5)
+  assert d.num_negatives == 1  # 16384 capped at n_data - 1
+  batch = dict(make_batch(8, batch=2), label=tf.constant([0, 1], tf.int64),
+               index=tf.constant([0, 1], tf.int64))
+  x = batch["image"]
+  v_s = np_embed(d.embed_s, student(x, training=True, features=True).embedding.numpy())
+  v_t = np_embed(d.embed_t, teacher(x, training=False, features=True).embedding.numpy())
+  bank_s, bank_t = d.bank_s.numpy().astype(np.float64), d.bank_t.numpy().astype(np.float64)
+  idx = np.array([[0, 1], [1, 0]])  # own index, then the only sample of the other class
+  out_s = np.exp(np.einsum("bkd,bd->bk", bank_t[idx], v_s) / 0.07)
+  out_t = np.exp(np.einsum("bkd,bd->bk", bank_s[idx], v_t) / 0.07)
+  z = np.array([out_s.mean() * 2, out_t.mean() * 2])
+  expected = 0.8 * (np_contrast(out_s / z[0], 2) + np_contrast(out_t / z[1], 2))
+  assert not d.z_fixed.numpy()
+  terms, _, _, step = run_checked(d, batch, lr=0.0)
+  np.testing.assert_allclose(terms["crd"], expected, rtol=1e-4)
+  np.testing.assert_allclose(d.z.numpy(), z, rtol=1e-4)
+  assert d.z_fixed.numpy()
+  for bank, old, v in ((d.bank_s, bank_s, v_s), (d.bank_t, bank_t, v_t)):
+    new = 0.5 * old + 0.5 * v
+    np.testing.assert_allclose(bank.numpy(), new / np.linalg.norm(new, axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
+  # Z stays fixed on the next batch although the scores changed.
+  step(dict(batch, image=x * 2.0))
+  np.testing.assert_allclose(d.z.numpy(), z, rtol=1e-4)
+
+
+def test_crd_state_survives_a_checkpoint_mid_run(pair, tmp_path):
+  student, teacher = pair
+  labels = np.random.default_rng(9).integers(0, K, size=64)
+  d = distillers.create("CRD", student, teacher, train_labels=labels, kd_weight=1.0)
+  ctx = context(d)
+  step = compiled_step(d, ctx)
+  batch = dict(make_batch(10), label=tf.constant(labels[make_batch(10)["index"].numpy()]))
+  terms, _, _ = step(batch)
+  assert "kd" in terms and "crd" in terms  # the CRD+KD variant is just kd_weight = 1
+  path = tf.train.Checkpoint(distiller=d).write(str(tmp_path / "crd"))
+  saved = {v.path: v.numpy().copy() for v in d.weights}
+  step(dict(make_batch(11), label=batch["label"]))
+  assert not np.array_equal(d.bank_s.numpy(), saved["distiller_crd/bank_s"])
+
+  fresh = distillers.create("CRD", student, teacher, train_labels=labels, kd_weight=1.0)
+  assert not fresh.z_fixed.numpy()
+  tf.train.Checkpoint(distiller=fresh).read(path).assert_consumed()
+  for v in fresh.weights:
+    np.testing.assert_array_equal(v.numpy(), saved[v.path], err_msg=v.path)
+  assert fresh.z_fixed.numpy()
+  compiled_step(fresh, context(fresh))(batch)
+  np.testing.assert_array_equal(fresh.z.numpy(), saved["distiller_crd/z"])
+
+
+def test_crd_refuses_missing_or_inconsistent_split_information(pair):
+  with pytest.raises(UsageError, match="CRD needs train_labels"):
+    distillers.create("CRD", *pair)
+  with pytest.raises(UsageError, match=r"n_data=10.*len\(train_labels\) = 4"):
+    distillers.create("CRD", *pair, train_labels=[0, 1, 0, 1], n_data=10)
+  with pytest.raises(UsageError, match="at least 2 classes"):
+    distillers.create("CRD", *pair, train_labels=[3, 3, -1, 3])
+
+
+MIRRORED_CRD = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import nets
+    from kd_tf2 import distillers
+    from kd_tf2.distillers import StepContext
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    labels = np.arange(32) % 10
+    with strategy.scope():
+      student = nets.create("resnet8", 10, synchronized_bn=True)
+      teacher = nets.create("resnet8", 10, synchronized_bn=True)
+      for net in (student, teacher):
+        net.build((None, 32, 32, 3))
+      d = distillers.create("CRD", student, teacher, train_labels=labels)
+      variables = d.variables_to_train()
+      optimizer = keras.optimizers.SGD(0.01)
+      optimizer.build(variables)
+    ctx = StepContext(optimizer, variables, num_replicas=2)
+    before = d.bank_s.value.values[0].numpy()
+    rng = np.random.default_rng(0)
+    index = rng.choice(32, 8, replace=False)
+    ds = tf.data.Dataset.from_tensors({
+        "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+        "label": labels[index].astype(np.int64), "index": index.astype(np.int64)})
+    batch = next(iter(strategy.experimental_distribute_dataset(ds)))
+
+    @tf.function
+    def step(batch):
+      return strategy.run(lambda b: d.train_step(b, ctx).terms["crd"], args=(batch,))
+
+    for _ in range(2):
+      losses = strategy.experimental_local_results(step(batch))
+    assert all(np.isfinite(float(x)) for x in losses), losses
+    for var in (d.bank_s, d.bank_t, d.z, d.z_fixed):
+      a, b = (c.numpy() for c in var.value.values)
+      assert np.array_equal(a, b), var.path
+    after = d.bank_s.value.values[0].numpy()
+    changed = np.flatnonzero(np.any(after != before, axis=1))
+    assert sorted(changed) == sorted(index), (changed, index)
+    assert d.z_fixed.value.values[0].numpy()
+    print("OK")
+""")
+
+
+def test_crd_banks_stay_identical_across_two_mirrored_replicas():
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", MIRRORED_CRD], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
