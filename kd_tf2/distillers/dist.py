@@ -36,8 +36,9 @@ class DIST(Distiller):
 
   def build_connectors(self, s, t):
     if s.logits.shape[-1] != t.logits.shape[-1]:
-      raise UsageError(f"DIST needs the same number of classes: student {self.student.arch} has "
-                       f"{s.logits.shape[-1]}, teacher {self.teacher.arch} has {t.logits.shape[-1]}")
+      raise UsageError(f"DIST needs the same number of classes: student {self.student.arch} "
+                       f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
+                       f"{t.logits.shape[-1]}")
 
   def losses(self, s, t, labels, images, *, training=True):
     loss = kd_losses.dist(s.logits, t.logits, beta=self.beta, gamma=self.gamma,

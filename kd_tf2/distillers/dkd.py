@@ -42,8 +42,9 @@ class DKD(Distiller):
 
   def build_connectors(self, s, t):
     if s.logits.shape[-1] != t.logits.shape[-1]:
-      raise UsageError(f"DKD needs the same number of classes: student {self.student.arch} has "
-                       f"{s.logits.shape[-1]}, teacher {self.teacher.arch} has {t.logits.shape[-1]}")
+      raise UsageError(f"DKD needs the same number of classes: student {self.student.arch} "
+                       f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
+                       f"{t.logits.shape[-1]}")
 
   def warm(self):
     """min((epoch + 1) / warmup, 1) as a float32 scalar (1 when warmup is 0)."""

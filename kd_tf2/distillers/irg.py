@@ -4,14 +4,14 @@ Liu, Cao, Li, Yuan, Hu, Li, Duan, "Knowledge Distillation via Instance Relations
 CVPR 2019 (no arXiv). METHODS.md §2.14 / §3: the Zoo's "one-to-one" IRG,
 ``method_weight * irg((fm1_s, fm2_s), (fm1_t, fm2_t), e_s, e_t, z_s, z_t, 0.1, 5, 5)`` with
 fm1 / fm2 = the last two stage outputs (the Zoo's rb2 / rb3 of its 3-stage CIFAR nets, i.e.
-``Outputs.features[-2]`` and ``features[-1]``, post-ReLU maps [B, H, W, C]), e = ``Outputs.embedding``
-[B, D], z = logits [B, K]; weight 1 (Zoo ``lambda 1``; RepDistiller has no IRG). Vertex, edge and
-transformation weights 0.1 / 5 / 5 are keyword arguments.
+``Outputs.features[-2]`` and ``features[-1]``, post-ReLU maps [B, H, W, C]),
+e = ``Outputs.embedding`` [B, D], z = logits [B, K]; weight 1 (Zoo ``lambda 1``; RepDistiller has no
+IRG). Vertex, edge and transformation weights 0.1 / 5 / 5 are keyword arguments.
 
 Pairs it refuses (at build time): different numbers of classes, or a net whose last stage does not
 relate to the one before it the way the Zoo's transformation term needs (the later map no larger in
 H, W, with the same or twice the channels - e.g. MobileNetV2's 48 -> 160 channels).
-The paper's many-to-many transformation graph and its edge sampling are not implemented (Zoo).
+Only the Zoo's one-to-one mode is implemented (one fm1 -> fm2 transformation per net).
 
 Per replica: the edge matrices and the transformation normaliser (max over the batch) use this
 replica's samples only; the value depends on the per-replica batch.

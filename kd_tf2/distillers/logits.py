@@ -22,8 +22,9 @@ class Logits(Distiller):
 
   def build_connectors(self, s, t):
     if s.logits.shape[-1] != t.logits.shape[-1]:
-      raise UsageError(f"Logits needs the same number of classes: student {self.student.arch} has "
-                       f"{s.logits.shape[-1]}, teacher {self.teacher.arch} has {t.logits.shape[-1]}")
+      raise UsageError(f"Logits needs the same number of classes: student {self.student.arch} "
+                       f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
+                       f"{t.logits.shape[-1]}")
 
   def losses(self, s, t, labels, images, *, training=True):
     return {"logits": self.method_weight * kd_losses.logit_mse(s.logits, t.logits)}

@@ -1,0 +1,321 @@
+"""The single-stage methods that wrap one pure loss: Logits, NST, PKT, RKD, SP, CC, IRG, DKD, DIST,
+KD_SVD (METHODS.md §2-3).
+
+Per method: registered under its key, METHODS.md §3 defaults, the weighted term read at the right
+positions (NumPy references where the formula is short, the pure loss otherwise), zero when the
+student is an exact copy of the teacher, finite gradients that reach the student and never the
+teacher, one optimiser step inside ``tf.function``; plus the pairs and values each method refuses
+and DKD's warm-up. Tiny pair: resnet8 student, resnet14 teacher (same stage widths), batch 8.
+"""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+from kd_tf2 import distillers
+from kd_tf2 import losses as L
+from kd_tf2.distillers import StepContext
+from kd_tf2.errors import UsageError
+
+METHODS = ["Logits", "NST", "PKT", "RKD", "SP", "CC", "IRG", "DKD", "DIST", "KD_SVD"]
+NUM_CLASSES, BATCH = 10, 8
+
+# METHODS.md §3 (§2.15 / §2.16 for DKD, DIST): ce_weight, kd_weight, method_weight, temperature.
+DEFAULTS = {
+    "Logits": (1.0, 0.0, 0.1, 4.0),
+    "NST": (1.0, 0.0, 50.0, 4.0),
+    "PKT": (1.0, 0.0, 30000.0, 4.0),
+    "RKD": (1.0, 0.0, 1.0, 4.0),
+    "SP": (1.0, 0.0, 3000.0, 4.0),
+    "CC": (1.0, 0.0, 100.0, 4.0),
+    "IRG": (1.0, 0.0, 1.0, 4.0),
+    "DKD": (1.0, 0.0, 1.0, 4.0),
+    "DIST": (1.0, 0.0, 1.0, 1.0),
+    "KD_SVD": (1.0, 0.0, 1.0, 4.0),
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32))
+  labels = tf.constant(np.arange(BATCH) % NUM_CLASSES, tf.int32)
+  return images, labels
+
+
+@pytest.fixture(scope="module")
+def pair():
+  """(student, teacher) used read-only by the loss tests."""
+  return nets.create("resnet8", NUM_CLASSES), nets.create("resnet14", NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def twins(batch):
+  """(student, teacher): two resnet8 with the same (perturbed, so non-trivial) weights."""
+  teacher = nets.create("resnet8", NUM_CLASSES)
+  student = nets.create("resnet8", NUM_CLASSES)
+  images, _ = batch
+  teacher(images[:1]), student(images[:1])  # build the weights
+  rng = np.random.default_rng(1)
+  teacher.set_weights([w + 0.05 * rng.normal(size=w.shape).astype(w.dtype)
+                       for w in teacher.get_weights()])
+  student.set_weights(teacher.get_weights())
+  return student, teacher
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+  """(student, teacher) that the step tests update; resnet8 twice, the smallest graph to trace."""
+  return nets.create("resnet8", NUM_CLASSES), nets.create("resnet8", NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def outputs(pair, batch):
+  """Student and teacher ``Outputs`` (inference mode, float32) of the shared batch."""
+  student, teacher = pair
+  images, _ = batch
+  d = distillers.create("Logits", student, teacher)
+  return d.student_outputs(images, training=False), d.teacher_outputs(images)
+
+
+# ----------------------------------------------------------------------------- NumPy references
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def _flat(x):
+  x = _np(x)
+  return x.reshape(x.shape[0], -1)
+
+
+def _unit_rows(x, eps=1e-12):
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def np_sp(s, t):
+  def sim(f):
+    return _unit_rows(f @ f.T)
+  return np.mean((sim(_flat(t)) - sim(_flat(s))) ** 2)
+
+
+def np_cc(s, t, gamma=0.4, order=2):
+  def kernel(f):
+    c = _unit_rows(f) @ _unit_rows(f).T
+    return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * c ** p
+               for p in range(order + 1))
+  return np.mean((kernel(_flat(s)) - kernel(_flat(t))) ** 2)
+
+
+def expected_terms(method, s, t, labels):
+  """The weighted terms METHODS.md §3 prescribes, computed without the distiller."""
+  if method == "Logits":
+    return {"logits": 0.1 * np.mean((_np(s.logits) - _np(t.logits)) ** 2)}
+  if method == "NST":
+    return {"nst": 50.0 * sum(float(L.nst(a, b)) for a, b in zip(s.features[1:], t.features[1:]))}
+  if method == "PKT":  # post-ReLU embeddings: cosines > 0.98, float32 cancels ~1e-2 of the value
+    return {"pkt": 30000.0 * float(L.pkt(s.embedding, t.embedding, eps=1e-7))}
+  if method == "RKD":
+    return {"rkd_distance": 25.0 * float(L.rkd_distance(s.embedding, t.embedding)),
+            "rkd_angle": 50.0 * float(L.rkd_angle(s.embedding, t.embedding))}
+  if method == "SP":
+    return {"sp": 3000.0 * np_sp(s.features[-1], t.features[-1])}
+  if method == "CC":
+    return {"cc": 100.0 * np_cc(s.embedding, t.embedding)}
+  if method == "IRG":
+    return {"irg": float(L.irg((s.features[2], s.features[3]), (t.features[2], t.features[3]),
+                               s.embedding, t.embedding, s.logits, t.logits, 0.1, 5.0, 5.0))}
+  if method == "DKD":  # engine epoch 0 = mdistiller's epoch 1: warm-up factor 1/20
+    return {"dkd": float(L.dkd(s.logits, t.logits, labels, 1.0, 8.0, 4.0)) / 20.0}
+  if method == "DIST":
+    return {"dist": float(L.dist(s.logits, t.logits, 1.0, 1.0, 1.0))}
+  if method == "KD_SVD":
+    return {"kd_svd": float(L.kd_svd(s.features[1:4], t.features[1:4], k=1))}
+  raise AssertionError(method)
+
+
+# ----------------------------------------------------------------------------- registry, defaults
+
+def test_every_method_is_registered_case_insensitively():
+  names = distillers.available()
+  for method in METHODS:
+    assert method in names
+    assert distillers.canonical_name(method.lower()) == method
+  assert distillers.canonical_name("kdsvd") == "KD_SVD"
+
+
+def test_method_specific_defaults(pair):
+  def hparams(method):  # the constructor alone (no setup) is enough to read them
+    return distillers.get(method)(*pair).hparams()
+
+  assert (hparams("RKD")["distance_weight"], hparams("RKD")["angle_weight"]) == (25.0, 50.0)
+  assert (hparams("CC")["gamma"], hparams("CC")["order"]) == (0.4, 2)
+  assert (hparams("DKD")["alpha"], hparams("DKD")["beta"], hparams("DKD")["warmup"]) == (1, 8, 20)
+  assert (hparams("DIST")["beta"], hparams("DIST")["gamma"]) == (1.0, 1.0)
+  irg = hparams("IRG")
+  assert (irg["w_vertex"], irg["w_edge"], irg["w_transform"]) == (0.1, 5.0, 5.0)
+  assert hparams("KD_SVD")["k"] == 1
+  assert hparams("PKT")["eps"] == 1e-7
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_and_terms_follow_the_catalog(method, pair, outputs, batch):
+  s, t = outputs
+  images, labels = batch
+  d = distillers.create(method, *pair)
+  assert (d.ce_weight, d.kd_weight, d.method_weight, d.temperature) == DEFAULTS[method]
+  assert d.init_epochs is None and d.stages() == []
+  assert d.trainable_variables == []  # no learnable connector in any of these methods
+  got = d.losses(s, t, labels, images, training=False)
+  want = expected_terms(method, s, t, labels)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == tf.float32 and got[key].shape == ()
+    assert float(got[key]) > 0
+    np.testing.assert_allclose(float(got[key]), value, rtol=2e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
+  student, teacher = twins
+  images, labels = batch
+  d = distillers.create(method, student, teacher)
+  s = d.student_outputs(images, training=False)
+  terms = d.losses(s, d.teacher_outputs(images), labels, images, training=False)
+  # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
+  # (nearly uniform columns); every other term vanishes to float32 rounding.
+  tolerance = 1e-3 if method == "DIST" else 1e-4
+  for key, value in terms.items():
+    assert abs(float(value)) < tolerance, (key, float(value))
+
+
+# ----------------------------------------------------------------------------- gradients, steps
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_the_student_and_never_the_teacher(method, pair, batch):
+  student, teacher = pair
+  images, labels = batch
+  d = distillers.create(method, student, teacher)
+  assert teacher.trainable_variables == []
+  with tf.GradientTape(persistent=True) as tape:
+    s = d.student_outputs(images, training=True)
+    t = d.teacher_outputs(images)
+    terms = d.losses(s, t, labels, images, training=True)
+    total = tf.add_n(list(terms.values()))
+  assert np.isfinite(float(total))
+  grads = tape.gradient(total, student.trainable_variables)
+  assert all(g is None or np.all(np.isfinite(g.numpy())) for g in grads)
+  stem = student.trainable_variables[0]
+  assert "kernel" in stem.path, stem.path
+  assert np.abs(grads[0].numpy()).max() > 0  # the method term alone reaches the first layer
+  assert all(g is None for g in tape.gradient(total, teacher.variables))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_in_tf_function_updates_the_student_only(method, trained_pair, batch):
+  student, teacher = trained_pair
+  d = distillers.create(method, student, teacher)
+  variables = d.variables_to_train()
+  assert {id(v) for v in variables} == {id(v) for v in student.trainable_variables}
+  optimizer = keras.optimizers.SGD(learning_rate=0.1)
+  optimizer.build(variables)
+  ctx = StepContext(optimizer, variables)
+  images, labels = batch
+  before_s = [v.numpy().copy() for v in student.trainable_variables]
+  before_t = [v.numpy().copy() for v in teacher.variables]
+
+  out = tf.function(d.train_step)({"image": images, "label": labels}, ctx)
+
+  assert "ce" in out.terms and len(out.terms) >= 2
+  assert all(np.isfinite(float(v)) for v in out.terms.values())
+  assert out.logits.shape == (BATCH, NUM_CLASSES)
+  after_s = [v.numpy() for v in student.trainable_variables]
+  changed = [not np.array_equal(b, a) for b, a in zip(before_s, after_s)]
+  assert changed[0] and sum(changed) > len(changed) // 2
+  for b, v in zip(before_t, teacher.variables):
+    np.testing.assert_array_equal(b, v.numpy())
+
+
+# ----------------------------------------------------------------------------- method specifics
+
+def test_dkd_warm_up_follows_mdistillers_one_based_epochs(pair, outputs, batch):
+  s, t = outputs
+  images, labels = batch
+  d = distillers.create("DKD", *pair)
+  full = float(L.dkd(s.logits, t.logits, labels, 1.0, 8.0, 4.0))
+  for epoch, factor in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (150, 1.0)):
+    d.epoch.assign(float(epoch))
+    got = float(d.losses(s, t, labels, images)["dkd"])
+    np.testing.assert_allclose(got, factor * full, rtol=1e-5, err_msg=f"epoch {epoch}")
+  no_warmup = distillers.create("DKD", *pair, warmup=0)
+  np.testing.assert_allclose(float(no_warmup.losses(s, t, labels, images)["dkd"]), full, rtol=1e-5)
+
+
+def test_rkd_logs_both_terms_and_drops_a_zero_weight(pair, outputs, batch):
+  s, t = outputs
+  images, labels = batch
+  both = distillers.create("RKD", *pair).losses(s, t, labels, images)
+  np.testing.assert_allclose(float(both["rkd_distance"] + both["rkd_angle"]),
+                             float(L.rkd(s.embedding, t.embedding)), rtol=1e-5)
+  angle_only = distillers.create("RKD", *pair, distance_weight=0, method_weight=2.0)
+  terms = angle_only.losses(s, t, labels, images)
+  assert list(terms) == ["rkd_angle"]
+  np.testing.assert_allclose(float(terms["rkd_angle"]), 2.0 * float(both["rkd_angle"]), rtol=1e-6)
+
+
+def test_hyper_parameters_reach_the_loss(pair, outputs, batch):
+  s, t = outputs
+  images, labels = batch
+  cc = distillers.create("CC", *pair, gamma=0.8, order=3).losses(s, t, labels, images)["cc"]
+  np.testing.assert_allclose(float(cc), 100.0 * np_cc(s.embedding, t.embedding, 0.8, 3), rtol=2e-4)
+  dist = distillers.create("DIST", *pair, beta=2.0, gamma=0.5, temperature=4.0)
+  np.testing.assert_allclose(float(dist.losses(s, t, labels, images)["dist"]),
+                             float(L.dist(s.logits, t.logits, 2.0, 0.5, 4.0)), rtol=1e-5)
+  pkt = distillers.create("PKT", *pair, eps=1e-6).losses(s, t, labels, images)["pkt"]
+  np.testing.assert_allclose(float(pkt), 30000.0 * float(L.pkt(s.embedding, t.embedding, 1e-6)),
+                             rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_kd_svd_refuses_different_channel_counts(pair):
+  student, _ = pair
+  with pytest.raises(UsageError, match=r"KD_SVD.*resnet8.*wrn_16_2.*16 vs 32 channels"):
+    distillers.create("KD_SVD", student, nets.create("wrn_16_2", NUM_CLASSES))
+
+
+def test_kd_svd_refuses_maps_too_small_for_k(pair):
+  with pytest.raises(UsageError, match=r"KD_SVD with k=1 needs .*H\*W >= 4.* stage 3 is 1x1x64"):
+    distillers.create("KD_SVD", *pair, input_shape=(4, 4, 3))
+  with pytest.raises(UsageError, match=r"C >= 20.*stage 1 is 32x32x16"):
+    distillers.create("KD_SVD", *pair, k=17)
+
+
+def test_irg_refuses_a_net_whose_last_stage_it_cannot_relate(pair):
+  student, _ = pair
+  teacher = nets.create("MobileNetV2", NUM_CLASSES)
+  with pytest.raises(UsageError, match=r"IRG.*teacher MobileNetV2.*160 channels.*48"):
+    distillers.create("IRG", student, teacher)
+
+
+@pytest.mark.parametrize("method", ["Logits", "IRG", "DKD", "DIST"])
+def test_logit_methods_refuse_different_class_counts(method, pair):
+  student, _ = pair
+  with pytest.raises(UsageError, match=rf"{method} needs the same number of classes"):
+    distillers.create(method, student, nets.create("resnet8", 5))
+
+
+@pytest.mark.parametrize("method, hparams", [
+    ("KD_SVD", {"k": 0}), ("KD_SVD", {"k": 1.0}), ("CC", {"order": 1.5}), ("CC", {"gamma": 0}),
+    ("DKD", {"warmup": -1}), ("DKD", {"beta": "8"}), ("RKD", {"angle_weight": -1}),
+    ("PKT", {"eps": 0}), ("IRG", {"w_edge": True}), ("DIST", {"gamma": -2}),
+])
+def test_bad_hyper_parameters_are_refused(method, hparams, pair):
+  name = next(iter(hparams))
+  with pytest.raises(UsageError, match=rf"{method} {name}="):
+    distillers.create(method, *pair, **hparams)
