@@ -172,8 +172,12 @@ class Trainer:
     self.total_epochs = sum(p.epochs for p in self.phases)
     self.evaluator = Evaluator(student, strategy)
     self._steps = {}
-    tracked = dict(student=student, distiller=distiller, progress=self.progress, best=self.best)
-    tracked.update({f"optimizer_{p.name}": p.optimizer for p in self.phases})
+    # Variables are listed explicitly: TF's object graph does not follow the Python lists in which
+    # Keras models keep nested layers (a net's blocks), so Checkpoint(student=model) would silently
+    # miss e.g. their BatchNorm moving statistics.
+    tracked = dict(student=list(student.weights), distiller=list(distiller.weights),
+                   progress=self.progress, best=self.best)
+    tracked.update({f"optimizer_{p.name}": list(p.optimizer.variables) for p in self.phases})
     self.checkpoint = tf.train.Checkpoint(**tracked)
     self.manager = None
     if checkpoint_dir:
@@ -220,6 +224,18 @@ class Trainer:
 
     return step
 
+  def distributed_step(self, phase=MAIN):
+    """The compiled distributed step of the phase named ``phase`` (``"main"`` or
+    ``"stage_<name>"``): ``step(distributed_batch) -> {term: float32 scalar}`` with every loss
+    term and ``"loss"`` averaged over replicas, plus ``"_correct"``/``"_count"`` summed. One
+    optimiser update per call. For benchmarks and tests; ``fit`` uses it."""
+    if phase not in self._steps:
+      by_name = {p.name: p for p in self.phases}
+      if phase not in by_name:
+        raise ValueError(f"unknown phase {phase!r}; this run has {', '.join(by_name)}")
+      self._steps[phase] = self._compile(by_name[phase])
+    return self._steps[phase]
+
   def _distributed_train_data(self, skip):
     if callable(self.train_data) and not isinstance(self.train_data, tf.data.Dataset):
       make = self.train_data
@@ -239,7 +255,7 @@ class Trainer:
     """Restore the latest checkpoint if any; returns (epochs done, steps done in the next)."""
     if self.manager is None or self.manager.latest_checkpoint is None:
       return 0, 0
-    self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+    self.checkpoint.restore(self.manager.latest_checkpoint).assert_consumed()
     done, steps = (int(v) for v in self.progress.numpy())
     return done, steps
 
@@ -250,9 +266,7 @@ class Trainer:
 
   def _train_epoch(self, phase, epoch, local, skip, stop):
     """Train one epoch; returns its stats, or raises TrainingInterrupted/TrainingDiverged."""
-    if phase.name not in self._steps:
-      self._steps[phase.name] = self._compile(phase)
-    step = self._steps[phase.name]
+    step = self.distributed_step(phase.name)
     sums, correct, count, steps = {}, 0.0, 0.0, skip
     desc = f"epoch {epoch + 1}/{self.total_epochs} {phase.name}"
     bar = Progress(self.steps_per_epoch - skip, desc, enabled=self.verbose)

@@ -1,0 +1,282 @@
+"""The engine: resume, NaN stop, evaluation, XLA path, replicas, train dir, config, teacher loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nets
+from kd_tf2 import distillers
+from kd_tf2.distillers import Distiller
+from kd_tf2.engine import Evaluator, Trainer, config as cfg, load_teacher, make_strategy
+from kd_tf2.engine import configure_cpu_replicas
+from kd_tf2.engine.rundir import DONE, NEW, RESUME, RunDir
+from kd_tf2.errors import TrainingDiverged, TrainingInterrupted, UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (32, 32, 3)
+
+
+def fixed_data(n, batch, seed=0, classes=10):
+  """A deterministic dataset (no shuffling, no augmentation) of n images in batches."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(n,) + SHAPE).astype(np.float32)
+  labels = (np.arange(n) % classes).astype(np.int64)
+  return tf.data.Dataset.from_tensor_slices(
+      {"image": images, "label": labels, "index": np.arange(n, dtype=np.int64)}).batch(batch)
+
+
+def make_trainer(checkpoint_dir, method="FitNet", epochs=2, sink=None, jit=False, distiller=None):
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  keras.utils.set_random_seed(0)
+  with strategy.scope():
+    student = nets.create("resnet8", 10)
+    student.build((None,) + SHAPE)
+    if distiller is None:
+      teacher = nets.create("resnet8", 10)
+      teacher.build((None,) + SHAPE)
+      d = distillers.create(method, student, teacher)
+    else:
+      d = distiller(student, None).setup(SHAPE)
+  return Trainer(strategy=strategy, student=student, distiller=d, train_data=fixed_data(32, 16),
+                 test_data=fixed_data(16, 16, seed=1), steps_per_epoch=2, global_batch=16,
+                 epochs=epochs, base_lr=0.05, jit_compile=jit, checkpoint_dir=checkpoint_dir,
+                 metrics_sink=sink, verbose=False)
+
+
+def state_of(trainer):
+  opt = trainer.phases[-1].optimizer
+  return ([v.numpy() for v in trainer.student.weights + trainer.distiller.weights],
+          [v.numpy() for v in opt.variables], int(opt.iterations))
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+  """2 epochs x 2 steps, the lr drops at step 2 (milestones scaled to 2 epochs). Run B is stopped
+  by SIGTERM during epoch 2 (after its first step), then resumed by a fresh Trainer: the weights,
+  the regressor and every optimiser slot must equal those of the uninterrupted run A."""
+  a = make_trainer(str(tmp_path / "a"))
+  result_a = a.fit()
+  weights_a, slots_a, iters_a = state_of(a)
+  assert iters_a == 4 and result_a["epochs"] == 2
+
+  def interrupt(record):
+    if record["epoch"] == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  b = make_trainer(str(tmp_path / "b"), sink=interrupt)
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(TrainingInterrupted, match=r"epoch 2 step 1"):
+    b.fit()
+  assert signal.getsignal(signal.SIGTERM) is handler  # the loop's handler is removed again
+  resumed = make_trainer(str(tmp_path / "b"))
+  assert resumed.restore() == (1, 1)
+  capsys.readouterr()
+  resumed.verbose = True
+  result_b = resumed.fit()
+  assert "resuming from epoch 1 (step 1)" in capsys.readouterr().out
+  weights_b, slots_b, iters_b = state_of(resumed)
+  assert iters_b == iters_a
+  for x, y in zip(weights_a + slots_a, weights_b + slots_b):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert result_b["top1"] == pytest.approx(result_a["top1"])
+
+
+class _Exploding(Distiller):
+  """A loss term that is finite in epoch 1 and infinite from epoch 2 on."""
+  method_name = "exploding"
+  uses_teacher = False
+
+  def losses(self, s, t, labels, images, *, training=True):
+    return {"boom": 0.0 * tf.reduce_mean(s.logits) + 1.0 / (1.0 - self.epoch)}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  trainer = make_trainer(str(tmp_path), epochs=3, distiller=_Exploding)
+  with pytest.raises(TrainingDiverged, match=r"'boom' = inf at epoch 2 step 1"):
+    trainer.fit()
+  again = make_trainer(str(tmp_path), epochs=3, distiller=_Exploding)
+  assert again.restore() == (1, 0)
+  assert all(np.isfinite(v.numpy()).all() for v in again.student.weights)
+
+
+def test_evaluator_matches_numpy_top_k_and_cross_entropy():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(0, 2, (50, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, 50)
+  ds = tf.data.Dataset.from_tensor_slices({"image": logits, "label": labels}).batch(16)
+  got = Evaluator(keras.layers.Identity())(ds)
+  order = np.argsort(-logits, axis=1)
+  shifted = logits - logits.max(1, keepdims=True)
+  ce = -(shifted[np.arange(50), labels] - np.log(np.exp(shifted).sum(1)))
+  assert got["n"] == 50
+  assert got["top1"] == pytest.approx(100.0 * np.mean(order[:, 0] == labels))
+  assert got["top5"] == pytest.approx(100.0 * np.mean((order[:, :5] == labels[:, None]).any(1)))
+  assert got["loss"] == pytest.approx(ce.mean(), rel=1e-5)
+
+
+def test_xla_step_matches_the_default_step():
+  """jit_compile compiles the per-replica forward/backward and applies the update outside XLA:
+  first-step losses and the updated weights agree with the oneDNN path."""
+  results = []
+  for jit in (False, True):
+    trainer = make_trainer(None, method="AT", epochs=1, jit=jit)
+    step = trainer.distributed_step()
+    batch = next(iter(trainer.strategy.experimental_distribute_dataset(fixed_data(16, 16))))
+    out = {k: float(v) for k, v in step(batch).items()}
+    results.append((out, [v.numpy() for v in trainer.student.trainable_weights]))
+  (plain, w_plain), (xla, w_xla) = results
+  assert set(plain) == set(xla) >= {"ce", "at", "loss"}
+  for key in plain:
+    assert xla[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
+  for x, y in zip(w_plain, w_xla):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+
+
+_REPLICA_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from kd_tf2.engine import configure_cpu_replicas
+    configure_cpu_replicas(int(sys.argv[1]))
+    import keras, tensorflow as tf
+    import nets
+    from kd_tf2 import distillers
+    from kd_tf2.engine import Trainer, make_strategy
+    strategy = make_strategy("auto")
+    rng = np.random.default_rng(0)
+    data = {"image": rng.normal(size=(48, 32, 32, 3)).astype(np.float32),
+            "label": (np.arange(48) % 10).astype(np.int64), "index": np.arange(48)}
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(16)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+      student = nets.create("resnet8", 10, synchronized_bn=strategy.num_replicas_in_sync > 1)
+      teacher = nets.create("resnet8", 10)
+      student.build((None, 32, 32, 3)); teacher.build((None, 32, 32, 3))
+      d = distillers.create("FitNet", student, teacher, kd_weight=0.5)
+    init = float(sum(np.abs(v.numpy()).sum() for v in student.weights + d.weights))
+    trainer = Trainer(strategy=strategy, student=student, distiller=d, train_data=ds,
+                      test_data=ds, steps_per_epoch=3, global_batch=16, epochs=1, base_lr=0.05,
+                      verbose=False)
+    step = trainer.distributed_step()
+    losses = [{k: float(v) for k, v in step(b).items()}
+              for b in strategy.experimental_distribute_dataset(ds)]
+    final = float(sum(np.abs(v.numpy()).sum() for v in student.weights + d.weights))
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "init": init,
+                      "losses": losses, "final": final}))
+""")
+
+
+def _replica_run(n):
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-c", _REPLICA_SCRIPT, str(n)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_cpu_replicas_give_the_losses_of_one():
+  """MirroredStrategy over 2 logical CPUs (synchronized BN in student and regressor, gradients
+  summed over replicas of per-replica losses divided by 2) reproduces the single-device losses
+  of three FitNet+KD steps on the same global batches."""
+  one, two = _replica_run(1), _replica_run(2)
+  assert (one["replicas"], two["replicas"]) == (1, 2)
+  assert two["init"] == pytest.approx(one["init"], rel=1e-7)
+  for step_one, step_two in zip(one["losses"], two["losses"]):
+    assert set(step_one) == set(step_two) >= {"ce", "kd", "hint", "loss"}
+    for key in ("ce", "kd", "hint", "loss", "_count", "_correct"):
+      assert step_two[key] == pytest.approx(step_one[key], rel=2e-4, abs=1e-5), key
+  assert two["final"] == pytest.approx(one["final"], rel=1e-5)
+  assert two["final"] != pytest.approx(one["init"], rel=1e-6)  # training moved the weights
+
+
+def test_strategy_errors():
+  tf.constant(1.0)  # TensorFlow is initialised from here on
+  with pytest.raises(UsageError, match=r"unknown strategy 'gpu'; accepted: auto, one_device"):
+    make_strategy("gpu")
+  with pytest.raises(UsageError, match=r"cpu_replicas=3: TensorFlow already initialised"):
+    configure_cpu_replicas(3)
+  with pytest.raises(UsageError, match=r"cpu_replicas=0"):
+    configure_cpu_replicas(0)
+  old = os.environ.pop("TF_CONFIG", None)
+  try:
+    with pytest.raises(UsageError, match=r"needs the TF_CONFIG environment variable"):
+      make_strategy("multi_worker")
+  finally:
+    if old is not None:
+      os.environ["TF_CONFIG"] = old
+
+
+def test_run_dir_states_and_refusals(tmp_path):
+  settings = {"method": "AT", "epochs": 2}
+  run = RunDir(str(tmp_path / "run"))
+  assert run.state(settings) == NEW
+  assert not os.path.exists(run.path)  # checking writes nothing
+  run.create({"method": "at"}, settings)
+  assert run.state(settings) == RESUME
+  with pytest.raises(UsageError, match=r"different flags \(--epochs=2 there vs 3 now\)"):
+    run.state(dict(settings, epochs=3))
+  run.write_results({"top1": 1.0})
+  assert run.state(settings) == DONE
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  with pytest.raises(UsageError, match=r"not empty and is not a kd_tf2 train dir"):
+    RunDir(str(foreign)).state(settings)
+  with pytest.raises(UsageError, match=r"is not a directory"):
+    RunDir(str(foreign / "notes.txt")).state(settings)
+
+
+def test_config_validation_and_canonical_names():
+  good = cfg.validate(cfg.TrainConfig(method="kd", arch="RESNET8", teacher_arch="wrn_16_2",
+                                      dataset="synthetic", epochs=3))
+  assert (good.method, good.arch, good.teacher_epochs) == ("ST", "resnet8", 3)
+  assert good.train_dir == os.path.join("runs", "synthetic", "ST_wrn_16_2_resnet8_seed0")
+  bad = [(dict(fraction=0.0), r"--fraction=0.0: must be in \(0, 1\]"),
+         (dict(fraction=1.5), r"--fraction=1.5"),
+         (dict(epochs=0), r"--epochs=0: must be an integer >= 1"),
+         (dict(method="nope"), r"unknown method 'nope'"),
+         (dict(arch="resnet9"), r"--arch: unknown net 'resnet9'"),
+         (dict(teacher_arch="x"), r"--teacher_arch: unknown net 'x'"),
+         (dict(strategy="gpu"), r"--strategy='gpu'"),
+         (dict(method="AT", init_epochs=2), r"method AT has no init stage.*FitNet"),
+         (dict(kd_weight=-1.0), r"--kd_weight=-1.0"),
+         (dict(lr=0.0), r"--lr=0.0: must be a number > 0")]
+  for change, message in bad:
+    with pytest.raises(UsageError, match=message):
+      cfg.validate(cfg.TrainConfig(dataset="synthetic").replace(**change))
+  st = cfg.settings(cfg.validate(cfg.TrainConfig(method="ST", dataset="synthetic")))
+  assert (st["ce_weight"], st["kd_weight"], st["temperature"], st["lr"]) == (0.1, 0.9, 4.0, 0.05)
+  plain = cfg.settings(cfg.validate(cfg.TrainConfig(method="none", dataset="synthetic")))
+  assert plain["teacher_arch"] is None  # a plain run does not depend on teacher flags
+
+
+def test_teacher_loading_checks_arch_and_classes(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = nets.create("resnet8", 10)
+  model.build((None,) + SHAPE)
+  path = str(tmp_path / "t.keras")
+  model.save(path)
+  loaded = load_teacher(path, "RESNET8", 10, SHAPE)
+  assert not loaded.trainable
+  x = tf.random.normal((2,) + SHAPE)
+  np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), atol=1e-6)
+  with pytest.raises(UsageError, match=r"is a resnet8, but --teacher_arch=resnet20"):
+    load_teacher(path, "resnet20", 10, SHAPE)
+  with pytest.raises(UsageError, match=r"has 10 classes, the dataset has 100"):
+    load_teacher(path, "resnet8", 100, SHAPE)
+  npz = str(tmp_path / "t.npz")
+  np.savez(npz, **nets.reference_state(model))
+  from_npz = load_teacher(npz, "resnet8", 10, SHAPE)
+  np.testing.assert_allclose(from_npz(x, training=False), model(x, training=False), atol=1e-5)
+  with pytest.raises(UsageError, match=r"does not hold resnet14 weights for 10 classes"):
+    load_teacher(npz, "resnet14", 10, SHAPE)
+  (tmp_path / "bad.keras").write_bytes(b"not a zip")
+  with pytest.raises(UsageError, match=r"cannot load model .*bad.keras"):
+    load_teacher(str(tmp_path / "bad.keras"), "resnet8", 10, SHAPE)
+  with pytest.raises(UsageError, match=r"no such model file"):
+    load_teacher(str(tmp_path / "missing.keras"), "resnet8", 10, SHAPE)
