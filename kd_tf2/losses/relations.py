@@ -152,6 +152,8 @@ def rkd_distance(s_emb, t_emb):
   s_emb [B, D_s], t_emb [B, D_t] -> scalar (B >= 2; B = 1 gives 0).
   L = mean over B*B of smooth_l1(d_s / mu_s - d_t / mu_t), d the pairwise distance matrix
   (sqrt of squared distances clamped at 1e-12, zero diagonal), mu the mean of its positive entries.
+  Distances come from the Gram matrix of the batch-centred embeddings (RepDistiller's pdist without
+  its float32 cancellation around a large common offset).
   """
   s, t = _embedding_pair("rkd_distance", s_emb, t_emb)
   return tf.reduce_mean(_smooth_l1(_rkd_distance_potential(s) - _rkd_distance_potential(t)))
