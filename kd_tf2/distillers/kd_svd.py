@@ -9,8 +9,10 @@ weight 1 (mdistiller; RepDistiller's scripts do not run it), CE weight 1.
 Catalog conventions (METHODS.md §5.9): the teacher's singular vectors get a canonical sign (largest
 component positive) so the value does not depend on the SVD backend; any H, W (RepDistiller's
 square-map reshape and mdistiller's reshape bug are not reproduced). The paper's custom SVD
-gradient and its clipping of the distillation gradient to the CE gradient's norm are not done:
-TF's SVD gradient is used as is.
+gradient and its clipping of the distillation gradient to the CE gradient's norm are not done: the
+decomposition and its gradient are those of ``kd_tf2.losses.kd_svd`` (TF's regularised ones).
+XLA: the step compiles (``jit_unsupported`` stays None), but XLA's CPU decomposition kernels are
+much slower than TF's default ones; prefer no ``--jit_compile`` for this method on CPU.
 
 Pairs it refuses (at build time): different numbers of stages, a stage whose channel counts differ
 between the nets, or a map with H*W < k+3 or C < k+3 (e.g. too small an input).
