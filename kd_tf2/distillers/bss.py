@@ -16,7 +16,15 @@ Boundary", AAAI 2019, arXiv:1805.05532. METHODS.md §4 (Zoo procedure), per batc
 Schedule (Zoo, 1-based epoch e): lambda = 0 for e <= 10, then 2 * max(1 - (5/4)(e - 1)/epochs, 0)
 (zero from 80% of training on); with the engine's 0-based ``self.epoch`` that is
 ``method_weight * max(1 - 1.25 * epoch / epochs, 0)`` once ``epoch >= warmup_epochs`` (10).
-While lambda is 0, or no sample is a candidate, the attack and the extra forward passes are skipped.
+While lambda is 0, or no sample is a candidate, the attack and the teacher's extra forward pass
+are skipped (the term is 0). Deviation: the student's forward pass on the selected rows runs on
+every step (on the clean rows when nothing is attacked), because with synchronised BatchNorm it
+all-reduces across replicas, which cannot happen inside a data-dependent branch under
+MirroredStrategy; it costs one extra forward/backward on <= ``attack_size`` rows and updates the
+student's BatchNorm moving statistics once more per step (with clean rows of the same batch
+during warm-up, where the Zoo does not run it).
+Per replica: candidates, attack and loss use the replica's own batch (the loss is the mean over
+its attacked samples; a replica without candidates contributes 0).
 
 Fixed shapes (everything runs inside ``tf.function``, XLA-compilable): instead of gathering a
 data-dependent number of candidates, the step takes the top ``min(attack_size, B)`` rows by the
@@ -114,7 +122,7 @@ def kl_without_t2(s_logits, t_logits, temperature, mask):
 
 @register("BSS")
 class BSS(Distiller):
-  """{"bss": lambda(epoch) * KL_T(teacher || student) on boundary-supporting adversarial samples}."""
+  """{"bss": lambda(epoch) * KL_T(teacher || student) on boundary-supporting samples}."""
   method_weight = 2.0
   temperature = 3.0
 
@@ -145,28 +153,35 @@ class BSS(Distiller):
     ramp = tf.maximum(1.0 - 1.25 * epoch / float(max(self.epochs, 1)), 0.0)
     return tf.where(epoch < float(self.warmup_epochs), 0.0, self.method_weight * ramp)
 
-  def boundary_loss(self, images, labels, s_logits, t_logits):
-    """Unweighted L_bss of one batch (0 when no sample is a candidate)."""
+  def boundary_loss(self, images, labels, s_logits, t_logits, weight):
+    """weight * L_bss of one batch (0 while the weight is 0 or no sample is a candidate)."""
     batch = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
     size = (min(self.attack_size, batch) if isinstance(batch, int)
             else tf.minimum(self.attack_size, batch))
-    rows, valid = select_candidates(s_logits, t_logits, labels, size)
+    rows, valid = select_candidates(tf.stop_gradient(s_logits), t_logits, labels, size)
+    chosen = tf.gather(images, rows)
+    run = (weight > 0) & tf.reduce_any(valid)
 
-    def attacked():
-      picked_t = tf.gather(t_logits, rows)
+    def attack():  # teacher only (inference mode: no cross-replica op inside the branch)
       target = tf.gather(tf.cast(labels, tf.int32), rows)
-      attack_class = sample_attack_class(picked_t)
+      attack_class = sample_attack_class(tf.gather(t_logits, rows))
 
       def teacher_logits(x):
         return self.teacher(x, training=False)
 
-      x_adv = boundary_attack(teacher_logits, tf.gather(images, rows), target, attack_class,
-                              valid, steps=self.attack_steps, step_size=self.step_size)
-      z_s = tf.cast(self.student(x_adv, training=True), tf.float32)
-      z_t = tf.stop_gradient(tf.cast(self.teacher(x_adv, training=False), tf.float32))
-      return kl_without_t2(z_s, z_t, self.temperature, valid)
+      x_adv = boundary_attack(teacher_logits, chosen, target, attack_class, valid,
+                              steps=self.attack_steps, step_size=self.step_size)
+      return x_adv, tf.cast(self.teacher(x_adv, training=False), tf.float32)
 
-    return tf.cond(tf.reduce_any(valid), attacked, lambda: tf.constant(0.0))
+    def skip():
+      return chosen, tf.zeros([tf.shape(rows)[0], tf.shape(t_logits)[1]], tf.float32)
+
+    x_adv, z_t = tf.cond(run, attack, skip)
+    # Outside the cond: with synchronised BatchNorm the student's forward all-reduces, which
+    # MirroredStrategy cannot do inside control flow, and every replica must run it together.
+    z_s = tf.cast(self.student(x_adv, training=True), tf.float32)
+    mask = valid & run
+    return weight * kl_without_t2(z_s, tf.stop_gradient(z_t), self.temperature, mask)
 
   def train_step(self, batch, ctx):
     images = tf.cast(batch["image"], tf.float32)
@@ -176,10 +191,7 @@ class BSS(Distiller):
     with tf.GradientTape() as tape:
       s = self.student_outputs(images, training=True)
       terms = self.total_terms(s, t, labels, images, training=True)
-      terms["bss"] = tf.cond(
-          weight > 0,
-          lambda: weight * self.boundary_loss(images, labels, s.logits, t.logits),
-          lambda: tf.constant(0.0))
+      terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
     return StepOutput(terms, s.logits)

@@ -4,16 +4,16 @@ Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, arX
 METHODS.md §2.18 and §4, defaults of §3 (``-r 1 -a 0 -b 0.8``; CRD+KD is ``--kd_weight 1``):
 
 * embeddings: v_s = normalize(W_s e_s + b_s), v_t = normalize(W_t e_t + b_t), linear
-  D -> ``feat_dim`` (128) on ``Outputs.embedding`` [B, D] of each net; both are trainable Keras layers
-  of the distiller (PyTorch ``nn.Linear`` init), the teacher's embedding as well.
+  D -> ``feat_dim`` (128) on ``Outputs.embedding`` [B, D] of each net; both are trainable Keras
+  layers of the distiller (PyTorch ``nn.Linear`` init), the teacher's embedding as well.
 * memory banks: bank_s, bank_t [n_data, 128], uniform in +-1/sqrt(128/3), non-trainable variables of
   the distiller (checkpointed with it).
 * indices [B, K+1] per sample (exact mode): column 0 its own ``batch["index"]``, then K = ``nce_k``
   (16384) indices drawn uniformly, with replacement, from the training samples of *other* classes
   (RepDistiller draws them in the data loader; here the distiller draws them from ``train_labels``).
 * scores against the other network's bank, T = ``nce_t`` (0.07):
-  out_s[b, j] = exp(bank_t[idx[b, j]] . v_s[b] / T), out_t[b, j] = exp(bank_s[idx[b, j]] . v_t[b] / T),
-  each divided by its normaliser Z = mean(out) * n_data, fixed from the first batch and then kept
+  out_s[b, j] = exp(bank_t[idx[b, j]] . v_s[b] / T) (student anchor, teacher bank),
+  out_t[b, j] = exp(bank_s[idx[b, j]] . v_t[b] / T) (teacher anchor, student bank), each divided by its normaliser Z = mean(out) * n_data, fixed from the first batch and then kept
   (two values, a non-trainable variable with a "fixed" flag, both checkpointed).
 * L_crd = crd_contrast_loss(out_s / Z_s) + crd_contrast_loss(out_t / Z_t)
   (``kd_tf2.losses.crd_contrast_loss``, Eq. 18), weighted by ``method_weight`` (0.8).
@@ -70,7 +70,8 @@ class NegativeSampler:
     self._order = np.argsort(labels, kind="stable").astype(np.int64)
     self._n_excluded = self.n_data - self.n_active
     self.class_counts = np.bincount(active, minlength=self.num_classes).astype(np.int64)
-    self._start = (np.cumsum(self.class_counts) - self.class_counts).astype(np.int64)  # within the active part
+    # First position of each class block within the active part.
+    self._start = (np.cumsum(self.class_counts) - self.class_counts).astype(np.int64)
 
   def __call__(self, labels, k):
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)

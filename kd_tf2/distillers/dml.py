@@ -14,8 +14,8 @@ updates (the detached KLs make each net's gradient depend on its own loss only; 
 per-variable state). An optional soft-target term (``kd_weight``) teaches the student only.
 
 Contract with the engine: ``distillers.create`` freezes the teacher (``trainable = False``), which
-would also put its BatchNorm in inference mode; DML's constructor sets it back to ``True`` because the
-peer is trained. ``variables_to_train`` includes the peer's variables. The peer starts untrained
+would also put its BatchNorm in inference mode; DML's constructor sets it back to ``True`` because
+the peer is trained. ``variables_to_train`` includes the peer's variables. The peer starts untrained
 (``pretrained_teacher = False``: the engine should neither load nor pre-train it), must be
 checkpointed with the run and exported beside the student (``extra_exports()``).
 
@@ -69,7 +69,8 @@ class DML(Distiller):
   def build_connectors(self, s, t):
     if s.logits.shape[-1] != t.logits.shape[-1]:
       raise UsageError(f"DML needs the same classes in both nets: {_arch(self.student)} has "
-                       f"{s.logits.shape[-1]}, the peer {_arch(self.peer)} has {t.logits.shape[-1]}")
+                       f"{s.logits.shape[-1]}, the peer {_arch(self.peer)} has "
+                       f"{t.logits.shape[-1]}")
 
   def losses(self, s, t, labels, images, *, training=True):
     return {"dml": self.method_weight * kd_losses.dml_kl(s.logits, t.logits)}

@@ -11,13 +11,13 @@ would give spatially constant maps because of global average pooling), weight 0.
     L   = mean_{b, i} |normalize(cam_s)[b, i] - normalize(cam_t)[b, i]|      (over B * H*W)
 
 ``normalize`` is the per-sample l2 normalisation of the flattened map. Catalog = Zoo, which weights
-the gradient channels by the *gradient* (standard Grad-CAM, and the paper, weight the activations;
-METHODS.md §5 item 14). The teacher runs in inference mode and its map is a constant; the student's map is
-differentiated once more (second-order gradients through a nested ``GradientTape``). Library
-extension: when the two maps differ in spatial size, the larger cam is average-pooled to the
-smaller's before normalisation (``pool_to_match``); equal sizes (every CIFAR ResNet/WRN pair) are the
-Zoo's computation. Per replica: the gradients and the loss use the replica's own batch (the student's
-BatchNorm batch statistics couple its samples, as in the Zoo).
+the gradient channels by the *gradient* (standard Grad-CAM, and the paper, weight the
+activations; METHODS.md §5 item 14). The teacher runs in inference mode and its map is a constant;
+the student's map is differentiated once more (second-order gradients through a nested
+``GradientTape``). Library extension: when the two maps differ in spatial size, the larger cam is
+average-pooled to the smaller's before normalisation (``pool_to_match``); equal sizes (every CIFAR
+ResNet/WRN pair) are the Zoo's computation. Per replica: the gradients and the loss use the
+replica's own batch (the student's BatchNorm batch statistics couple its samples, as in the Zoo).
 """
 import tensorflow as tf
 
@@ -29,7 +29,7 @@ from op_util.ops import flatten_per_sample, l2_normalize, pool_to_match
 
 
 def grad_cam(grad):
-  """Zoo's gradient-weighted map: [B, H, W, C] gradient -> [B, H, W, 1] ReLU(sum_c mean(g_c) g_c)."""
+  """Zoo's gradient-weighted map: gradient [B, H, W, C] -> ReLU(sum_c mean(g_c) g_c) [B, H, W, 1]."""
   grad = tf.cast(grad, tf.float32)
   weights = tf.reduce_mean(grad, axis=[1, 2], keepdims=True)
   return tf.nn.relu(tf.reduce_sum(weights * grad, axis=-1, keepdims=True))

@@ -27,7 +27,7 @@ from op_util.ops import flatten_per_sample, l2_normalize
 
 
 def label_logit_sum(logits, labels):
-  """sum_b logits[b, labels[b]] as float32: the scalar whose gradient Grad-CAM/Jacobian methods use."""
+  """sum_b logits[b, labels[b]] (float32): the scalar Jacobian / Grad-CAM methods differentiate."""
   labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
   picked = tf.gather(tf.cast(logits, tf.float32), labels, axis=1, batch_dims=1)
   return tf.reduce_sum(picked)
@@ -47,8 +47,9 @@ def require_same_classes(method, distiller, s, t):
   """UsageError unless the two nets' logits have the same number of classes."""
   k_s, k_t = int(s.logits.shape[-1]), int(t.logits.shape[-1])
   if k_s != k_t:
-    raise UsageError(f"{method} needs the same classes in both nets: {arch_name(distiller.student)} has "
-                     f"{k_s}, {arch_name(distiller.teacher)} has {k_t}")
+    raise UsageError(f"{method} needs the same classes in both nets: "
+                     f"{arch_name(distiller.student)} has {k_s}, "
+                     f"{arch_name(distiller.teacher)} has {k_t}")
 
 
 def _float32(outputs):
