@@ -221,6 +221,13 @@ def test_bss_schedule_follows_the_zoo(pair):
     np.testing.assert_allclose(float(d.weight()), zoo_bss_lambda(epoch + 1, 100), atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [dict(attack_size=0), dict(attack_steps=-1),
+                                 dict(step_size=0.0), dict(warmup_epochs=1.5)])
+def test_bss_refuses_bad_attack_settings(bad, pair):
+  with pytest.raises(UsageError, match=f"{next(iter(bad))}=.*BSS"):
+    distillers.create("BSS", *pair, **bad)
+
+
 def test_bss_selects_the_candidates_with_the_largest_disagreement():
   from kd_tf2.distillers.bss import select_candidates
   rng = np.random.default_rng(4)
@@ -423,6 +430,10 @@ def test_crd_refuses_missing_or_inconsistent_split_information(pair):
     distillers.create("CRD", *pair, train_labels=[0, 1, 0, 1], n_data=10)
   with pytest.raises(UsageError, match="at least 2 classes"):
     distillers.create("CRD", *pair, train_labels=[3, 3, -1, 3])
+  with pytest.raises(UsageError, match="must be integers"):
+    distillers.create("CRD", *pair, train_labels=[0.0, 1.0])
+  with pytest.raises(UsageError, match=r"nce_m=1\.0"):
+    distillers.create("CRD", *pair, train_labels=[0, 1], nce_m=1.0)
 
 
 MIRRORED_STEPS = textwrap.dedent("""

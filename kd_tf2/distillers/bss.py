@@ -12,6 +12,7 @@ Boundary", AAAI 2019, arXiv:1805.05532. METHODS.md §4 (Zoo procedure), per batc
    eta = 0.3, only for samples the teacher still assigns to the target; stop when none is left;
 4. L_bss = (1/A) sum_a KL(softmax(z_t(x_a)/T) || softmax(z_s(x_a)/T)) over the A attacked samples,
    T = 3 (``temperature``), **without** T^2; the student runs in training mode (as in the Zoo).
+   A soft-target term added with ``kd_weight`` uses the same temperature.
 
 Schedule (Zoo, 1-based epoch e): lambda = 0 for e <= 10, then 2 * max(1 - (5/4)(e - 1)/epochs, 0)
 (zero from 80% of training on); with the engine's 0-based ``self.epoch`` that is
@@ -129,11 +130,11 @@ class BSS(Distiller):
   def __init__(self, student, teacher, *, attack_size=32, attack_steps=10, step_size=0.3,
                warmup_epochs=10, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    for key, value in dict(attack_size=attack_size, attack_steps=attack_steps,
-                           warmup_epochs=warmup_epochs).items():
-      if not isinstance(value, int) or isinstance(value, bool) or value < (key == "attack_size"):
-        raise UsageError(f"{key}={value!r} for method BSS: must be an integer >= "
-                         f"{int(key == 'attack_size')}")
+    lowest = dict(attack_size=1, attack_steps=0, warmup_epochs=0)
+    values = dict(attack_size=attack_size, attack_steps=attack_steps, warmup_epochs=warmup_epochs)
+    for key, value in values.items():
+      if not isinstance(value, int) or isinstance(value, bool) or value < lowest[key]:
+        raise UsageError(f"{key}={value!r} for method BSS: must be an integer >= {lowest[key]}")
     if not isinstance(step_size, (int, float)) or isinstance(step_size, bool) or step_size <= 0:
       raise UsageError(f"step_size={step_size!r} for method BSS: must be a number > 0")
     self.attack_size, self.attack_steps = attack_size, attack_steps

@@ -107,11 +107,14 @@ class CRD(Distiller):
     if train_labels is None:
       raise UsageError("method CRD needs train_labels: the label of every index of the training "
                        "split (-1 outside the training subset); the engine passes them")
+    if np.asarray(train_labels).dtype.kind not in "iu":
+      raise UsageError(f"train_labels for method CRD must be integers (class ids, -1 = not a "
+                       f"training sample); got dtype {np.asarray(train_labels).dtype}")
     self.sampler = NegativeSampler(train_labels)
     if n_data is not None and n_data != self.sampler.n_data:
       raise UsageError(f"n_data={n_data!r} for method CRD: must equal len(train_labels) = "
                        f"{self.sampler.n_data}")
-    if self.sampler.num_classes < 2 or np.count_nonzero(self.sampler.class_counts) < 2:
+    if np.count_nonzero(self.sampler.class_counts) < 2:
       raise UsageError("method CRD needs training samples of at least 2 classes in train_labels "
                        "(negatives come from the other classes)")
     self.feat_dim = _int_at_least("feat_dim", feat_dim, 1)
