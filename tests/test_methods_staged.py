@@ -245,7 +245,17 @@ def test_ft_paraphraser_shapes_and_pytorch_transposed_conv(zoo, batch):
   f_t = to.features[-1]                                 # [B, 8, 8, 128]
   factor = d.paraphraser.encode(f_t)
   assert factor.shape == (B, 8, 8, 64)                  # int(0.5 * 128)
-  assert d.paraphraser(f_t).shape == f_t.shape
+  rec = d.paraphraser(f_t).numpy()
+  assert rec.shape == f_t.shape
+  mean_sq = np.mean(f_t.numpy() ** 2)
+  want = np.mean((rec - f_t.numpy()) ** 2) / max(1.0, mean_sq)
+  got = d.stages()[0].losses(None, to, batch["label"], batch["image"])["paraphraser"]
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  small = to._replace(features=to.features[:-1] + (f_t / (2.0 * np.sqrt(mean_sq)),))
+  small_rec = d.paraphraser(small.features[-1]).numpy()
+  want_small = np.mean((small_rec - small.features[-1].numpy()) ** 2)    # plain MSE below 1
+  got_small = d.stages()[0].losses(None, small, batch["label"], batch["image"])["paraphraser"]
+  np.testing.assert_allclose(float(got_small), want_small, rtol=1e-4)
   so = d.student_outputs(batch["image"], training=False)
   assert d.translator(so.features[-1], training=False).shape == (B, 8, 8, 64)
   dec = d.paraphraser.dec0

@@ -9,7 +9,10 @@ NeurIPS 2018, arXiv:1802.04977. METHODS.md §2.13 / §3 / §5.8; modules as RepD
 * Paraphraser (teacher side): encoder conv3x3 Ct->Ct, Ct->m, m->m, decoder transposed conv3x3
   m->m, m->Ct, Ct->Ct (stride 1, padding 1, bias), each followed by LeakyReLU(0.1), no BN.
 * ``paraphraser`` stage (``init_epochs``, default 30): the paraphraser alone learns to
-  reconstruct the teacher map, loss MSE(decoder(encoder(t)), t); the student does not run. Its
+  reconstruct the teacher map, loss MSE(decoder(encoder(t)), t) / max(1, mean(t^2)) (the plain
+  MSE whenever the teacher map's mean square is <= 1, as for CIFAR-trained teachers; the divisor
+  is a library safeguard against large maps, see ``reconstruction_losses``); the student does not
+  run. Its
   learning rate is 0.01 for ResNet/WRN students and the base rate otherwise (RepDistiller's rule;
   ``paraphraser_lr`` overrides it). Afterwards the paraphraser is frozen (never optimised in the
   main phase; it has no BN, so its mode does not matter).
@@ -38,6 +41,12 @@ _SLOPE = 0.1
 
 def _arch(net):
   return getattr(net, "arch", net.name)
+
+
+def _leaky_relu(x):
+  """LeakyReLU(0.1) written as max(x, 0.1 x): same values and gradients, and it keeps grappler's
+  remapper from trying (and loudly failing) to fuse it with the conv's bias in the gradient."""
+  return tf.maximum(x, _SLOPE * x)
 
 
 def _torch_uniform(fan_in):
@@ -74,13 +83,13 @@ class Paraphraser(keras.layers.Layer):
 
   def encode(self, x):
     for conv in (self.enc0, self.enc1, self.enc2):
-      x = keras.ops.leaky_relu(conv(x), negative_slope=_SLOPE)
+      x = _leaky_relu(conv(x))
     return x
 
   def decode(self, factor):
     x = factor
     for conv in (self.dec0, self.dec1, self.dec2):
-      x = keras.ops.leaky_relu(conv(x), negative_slope=_SLOPE)
+      x = _leaky_relu(conv(x))
     return x
 
   def call(self, x):
@@ -104,7 +113,7 @@ class Translator(keras.layers.Layer):
   def call(self, x, training=None):
     for i in range(self._depth):
       x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x), training=training)
-      x = keras.ops.leaky_relu(x, negative_slope=_SLOPE)
+      x = _leaky_relu(x)
     return x
 
 
@@ -152,11 +161,18 @@ class FT(Distiller):
     return {"ft": self.method_weight * kd_losses.factor_transfer(factor_s, factor_t, p=self.p)}
 
   def reconstruction_losses(self, s, t, labels, images, *, training=True):
-    """The paraphraser stage's term: MSE between the teacher map and its reconstruction."""
+    """The paraphraser stage's term: MSE(paraphraser(f_t), f_t) / max(1, mean(f_t^2)).
+
+    For teacher maps with mean square <= 1 (CIFAR-trained teachers: ~0.8 measured) this is
+    RepDistiller's plain MSE. Larger maps would make the plain MSE's updates grow with the square
+    of the map's scale (a synthetic-data teacher with mean square 25 sent the loss to inf in 7 steps
+    at lr 0.01); dividing by that constant keeps the minimiser and makes the update scale-free.
+    """
     del s, labels, images, training
     target = t.features[-1]
     rec = tf.cast(self.paraphraser(target), tf.float32)
-    return {"paraphraser": tf.reduce_mean(tf.square(rec - target))}
+    scale = tf.maximum(1.0, tf.reduce_mean(tf.square(target)))
+    return {"paraphraser": tf.reduce_mean(tf.square(rec - target)) / scale}
 
   def variables_to_train(self):
     """Main phase: student + translator (the paraphraser is frozen after its stage)."""
