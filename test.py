@@ -43,12 +43,12 @@ def evaluate():
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
   if not FLAGS.model:
     raise ValueError("--model is required: a train dir or a .keras file")
-  dataset = FLAGS.dataset or (os.path.isdir(FLAGS.model) and trained_dataset(FLAGS.model))
-  if not dataset:
-    raise ValueError("--dataset is required (the model is not a train dir that records it)")
   if FLAGS.batch_size < 1:
     raise ValueError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
   model = engine.load_model(FLAGS.model)
+  dataset = FLAGS.dataset or (os.path.isdir(FLAGS.model) and trained_dataset(FLAGS.model))
+  if not dataset:
+    raise ValueError("--dataset is required (the model is not a train dir that records it)")
   result = engine.evaluate(model, dataset, FLAGS.split, data_dir=FLAGS.data_dir,
                            batch_size=FLAGS.batch_size)
   return model, dataset, result
