@@ -124,7 +124,7 @@ class Estimator(keras.layers.Layer):
       keep = noise - tf.reduce_mean(noise, axis=0, keepdims=True) > 0
       weights = weights * tf.cast(keep, weights.dtype)
     x = tf.nn.relu(self.embed_bn(self.embed(v_prev), training=training))  # [B, D]
-    x = tf.einsum("hij,jd->ihd", weights, x)                        # [B, H, D]
+    x = tf.einsum("hij,jd->ihd", tf.cast(weights, x.dtype), x)      # [B, H, D]
     x = tf.reshape(x, [-1, self.heads * x.shape[-1]])
     return l2_normalize(self.out(x), axis=-1)
 
@@ -215,9 +215,9 @@ class MHGD(Distiller):
     v_s = [student_vector(f, v) for f, v in zip(s.features[1:], v_t)]
     total = tf.constant(0.0)
     for l, attention in enumerate(self.attentions, start=1):
-      g_s = tf.tanh(attention(v_s[l], v_s[l - 1], training=False))
-      g_t = tf.stop_gradient(tf.tanh(attention(v_t[l], v_t[l - 1], training=False)))
-      total += _kl_rows(g_s, g_t)
+      g_s = tf.tanh(tf.cast(attention(v_s[l], v_s[l - 1], training=False), tf.float32))
+      g_t = tf.tanh(tf.cast(attention(v_t[l], v_t[l - 1], training=False), tf.float32))
+      total += _kl_rows(g_s, tf.stop_gradient(g_t))
     return {"mhgd": self.method_weight * total}
 
   def attention_losses(self, s, t, labels, images, *, training=True):
@@ -226,7 +226,7 @@ class MHGD(Distiller):
     v_t = [teacher_vector(f) for f in t.features[1:]]
     total = tf.constant(0.0)
     for l, (attention, estimator) in enumerate(zip(self.attentions, self.estimators), start=1):
-      graph = attention(v_t[l], v_t[l - 1], training=training)
+      graph = tf.cast(attention(v_t[l], v_t[l - 1], training=training), tf.float32)
       guess = tf.cast(estimator(v_t[l - 1], graph, training=training), tf.float32)
       total += tf.reduce_mean(1.0 - tf.reduce_sum(guess * v_t[l], axis=-1))
     return {"attention": total}
