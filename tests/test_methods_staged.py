@@ -428,3 +428,29 @@ def test_mhgd_refusals(zoo):
     distillers.create("MHGD", zoo["resnet8"], zoo["wrn_16_2"])
   with pytest.raises(UsageError, match="heads"):
     distillers.create("MHGD", zoo["resnet8"], zoo["resnet14"], heads=0)
+
+
+# --------------------------------------------------------------- refusals from shapes alone
+
+def _fake_outputs(maps):
+  """``nets.Outputs`` with zero maps of the given [H, W, C] shapes (features = preacts)."""
+  feats = tuple(tf.zeros([2, h, w, c]) for h, w, c in maps)
+  return nets.Outputs(tf.zeros([2, K]), feats, feats, tf.zeros([2, maps[-1][2]]))
+
+
+@pytest.mark.parametrize("method, s_maps, t_maps, pattern", [
+    ("AB", [(32, 32, 16), (8, 8, 16)], [(32, 32, 16), (32, 32, 16)],
+     r"AB cannot distil resnet8 -> resnet14 at preacts\[1\]: .*8x8.*32x32"),
+    ("AB", [(32, 32, 16), (8, 8, 16)], [(32, 32, 16), (8, 8, 16), (4, 4, 16)],
+     r"AB cannot distil resnet8 -> resnet14: .*1 stage outputs.*2"),
+    ("FSP", [(32, 32, 16), (8, 8, 16)], [(32, 32, 16), (8, 8, 16), (4, 4, 16)],
+     r"FSP cannot distil resnet8 -> resnet14: .*2 feature maps.*3"),
+    ("MHGD", [(32, 32, 16), (8, 8, 16), (1, 1, 16)], [(32, 32, 16), (8, 8, 16), (1, 1, 16)],
+     r"MHGD cannot distil resnet8 -> resnet14: features\[2\] of the student is 1x1x16"),
+    ("MHGD", [(32, 32, 16), (8, 8, 16)], [(32, 32, 16), (8, 8, 16)],
+     r"MHGD cannot distil resnet8 -> resnet14: .*1 stage outputs.*at least 2"),
+])
+def test_refusals_name_method_nets_and_mismatch(zoo, method, s_maps, t_maps, pattern):
+  d = distillers.get(method)(zoo["resnet8"], zoo["resnet14"])
+  with pytest.raises(UsageError, match=pattern):
+    d.build_connectors(_fake_outputs(s_maps), _fake_outputs(t_maps))
