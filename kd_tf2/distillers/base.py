@@ -41,6 +41,8 @@ Hooks, from the most to the least common:
   epochs, its own optimiser, its own variables and its own losses, logged as its own phase.
 * ``variables_to_train()``: the variables the main phase optimises (default: the student's and
   the distiller's trainable variables; never the teacher's).
+* ``extra_exports()`` -> ``{name: model}``: further trained nets to export (DML's peer); with
+  ``pretrained_teacher = False`` the "teacher" is such a net, trained from scratch with the student.
 * ``train_step(batch, ctx)`` / ``stage_step(stage, batch, ctx)``: the whole per-replica step, for
   methods that need more than one forward pass (DML, BSS, Sobolev, LwM, CRD). Run it under a
   ``tf.GradientTape`` and finish with ``ctx.minimize(loss, tape)``; return ``StepOutput(terms,
@@ -185,6 +187,12 @@ class Distiller(keras.layers.Layer):
     uses_teacher: False for methods that never read the teacher (``none``); the teacher then runs
       only when ``kd_weight != 0``.
     jit_unsupported: None, or the reason the method's step cannot be compiled with XLA.
+    pretrained_teacher: False for methods whose "teacher" is trained with the student from its
+      initialisation (DML's peer): the engine then neither loads nor pre-trains it, builds it like
+      the student (synchronized BatchNorm under replicas) and checkpoints its weights.
+    engine_hparams: constructor keywords the engine fills from the data, by name; known:
+      ``train_labels`` (int [split_size], the label of every sample index of the training split,
+      -1 outside the ``--fraction`` subset). Declared as keyword arguments of ``__init__``.
   """
   method_name = "?"  # set by @register
   ce_weight = 1.0
@@ -194,6 +202,7 @@ class Distiller(keras.layers.Layer):
   init_epochs = None
   uses_teacher = True
   jit_unsupported = None
+  pretrained_teacher = True
 
   def __init__(self, student, teacher, *, ce_weight=None, kd_weight=None, method_weight=None,
                temperature=None, init_epochs=None, name=None):
@@ -229,6 +238,16 @@ class Distiller(keras.layers.Layer):
   @property
   def teacher(self):
     return self._nets.teacher
+
+  @property
+  def synchronized_bn(self):
+    """Whether connectors' BatchNorm should be synchronized (the student's is: replicas > 1)."""
+    return bool(getattr(self.student, "synchronized_bn", False))
+
+  def extra_exports(self):
+    """Trained networks besides the student that the engine exports: ``{name: keras.Model}``
+    (written as ``TRAIN_DIR/<name>.keras``; e.g. DML's peer)."""
+    return {}
 
   @property
   def needs_teacher(self):

@@ -40,7 +40,7 @@ class FitNet(Distiller):
                        f"({len(s.features)} feature maps) and {self.teacher.name} "
                        f"({len(t.features)}); accepted: 0..{n - 1}")
     self.regressor = ConvReg(s.features[h].shape, t.features[h].shape, use_relu=True,
-                             synchronized_bn=bool(getattr(self.student, "synchronized_bn", False)),
+                             synchronized_bn=self.synchronized_bn,
                              name="regressor")
 
   def hint(self, s, t, training):

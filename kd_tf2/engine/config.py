@@ -105,6 +105,9 @@ def validate(config):
     with_stages = [m for m in distillers.available() if distillers.get(m).init_epochs is not None]
     raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
                      f"(methods with one: {', '.join(with_stages)})")
+  if c.teacher_ckpt and not cls.pretrained_teacher:
+    raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
+                     f"{teacher_arch} peer from scratch together with the student; drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs,
                    dataset=c.dataset.strip(),
@@ -133,6 +136,17 @@ def needs_teacher(config):
   return bool(cls.uses_teacher or kd)
 
 
+def teacher_source(config):
+  """Where the run's teacher comes from: None (no teacher), ``"checkpoint"`` (--teacher_ckpt),
+  ``"train"`` (trained first into TRAIN_DIR/teacher) or ``"fresh"`` (a new net trained together
+  with the student: methods with ``pretrained_teacher = False``, e.g. DML's peer)."""
+  if not needs_teacher(config):
+    return None
+  if not distillers.get(config.method).pretrained_teacher:
+    return "fresh"
+  return "checkpoint" if config.teacher_ckpt else "train"
+
+
 def base_lr(config):
   """``--lr`` or the benchmark's default for the student (``optim.default_lr``)."""
   return config.lr if config.lr is not None else optim.default_lr(config.arch)
@@ -147,9 +161,10 @@ def settings(config):
     if out[name] is None:
       out[name] = getattr(cls, name)
   out["lr"] = base_lr(config)
-  if not needs_teacher(config):
+  source = teacher_source(config)
+  if source is None:
     out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None)
-  elif config.teacher_ckpt:
+  elif source != "train":
     out["teacher_epochs"] = None
   return out
 

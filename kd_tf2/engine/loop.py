@@ -137,12 +137,13 @@ class Trainer:
     checkpoint_dir: where ``tf.train.CheckpointManager`` keeps checkpoints (None: none).
     summaries: a ``Summaries`` (TensorBoard) or None; metrics_sink: ``fn(record)`` or None.
     verbose: progress bar and one line per epoch.
+    extra_checkpointed: further variables to checkpoint (e.g. a peer trained with the student).
   """
 
   def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
                global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
                loss_scale=False, checkpoint_dir=None, summaries=None, metrics_sink=None,
-               verbose=True):
+               verbose=True, extra_checkpointed=()):
     self.strategy, self.student, self.distiller = strategy, student, distiller
     self.train_data, self.test_data = train_data, test_data
     self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
@@ -177,6 +178,8 @@ class Trainer:
     # miss e.g. their BatchNorm moving statistics.
     tracked = dict(student=list(student.weights), distiller=list(distiller.weights),
                    progress=self.progress, best=self.best)
+    if extra_checkpointed:
+      tracked["extra"] = list(extra_checkpointed)
     tracked.update({f"optimizer_{p.name}": list(p.optimizer.variables) for p in self.phases})
     self.checkpoint = tf.train.Checkpoint(**tracked)
     self.manager = None

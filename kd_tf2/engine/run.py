@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import data as kd_data
@@ -44,6 +45,26 @@ def eval_split(splits):
       return name
   raise UsageError(f"the dataset has no evaluation split (one of {', '.join(EVAL_SPLITS)}); "
                    f"its splits: {', '.join(splits)}")
+
+
+def engine_hparams(method_cls, config):
+  """Constructor keywords a method asks the engine for (``Distiller`` docstring), by name."""
+  accepted = set(method_cls.accepted_hparams())
+  out = {}
+  if "train_labels" in accepted:
+    out["train_labels"] = train_labels(config)
+  return out
+
+
+def train_labels(config):
+  """int64 [split_size]: the label of every sample index of the training split, -1 for the
+  samples outside the ``--fraction`` subset (read once through the data pipeline)."""
+  ds, info = _load_data(config, "train", 1024, fraction=config.fraction, seed=config.seed,
+                        augment=False, shuffle=False, drop_remainder=False)
+  labels = np.full([info.split_size], -1, np.int64)
+  for batch in ds:
+    labels[batch["index"].numpy()] = batch["label"].numpy()
+  return labels
 
 
 class _Policy:
@@ -97,54 +118,61 @@ def train(config, flags=None):
         f"{results['best_top1']:.2f}); nothing to do", verbose)
     return results
 
-  uses_teacher = cfg.needs_teacher(config)
-  train_teacher = uses_teacher and not config.teacher_ckpt
-  teacher_cfg = cfg.teacher_config(config) if train_teacher else None
+  source = cfg.teacher_source(config)
+  teacher_cfg = cfg.teacher_config(config) if source == "train" else None
+  method_cls = distillers.get(config.method)
   hparams = dict(ce_weight=config.ce_weight, kd_weight=config.kd_weight,
                  method_weight=config.method_weight, temperature=config.temperature,
                  init_epochs=config.init_epochs)
+  hparams.update(engine_hparams(method_cls, config))
 
   with _Policy(config.mixed_precision, strategy) as policy:
 
     def build(teacher):
+      """Student (and a fresh peer), then the distiller; seeded, in the strategy scope."""
       keras.utils.set_random_seed(config.seed)
       with strategy.scope():
         student = models.build_net(config.arch, info.num_classes, input_shape,
                                    synchronized_bn=replicas > 1)
+        if source == "fresh":
+          teacher = models.build_net(config.teacher_arch, info.num_classes, input_shape,
+                                     synchronized_bn=replicas > 1)
         distiller = distillers.create(config.method, student, teacher, input_shape=input_shape,
                                       **hparams)
-      return student, distiller
+      return student, teacher, distiller
 
     teacher = None
-    if uses_teacher:
+    if source == "checkpoint":
       with strategy.scope():
-        if config.teacher_ckpt:
-          teacher = models.load_teacher(config.teacher_ckpt, config.teacher_arch,
-                                        info.num_classes, input_shape)
-        else:  # a stand-in of the right shape, to validate the pair before anything is written
-          RunDir(teacher_cfg.train_dir).state(cfg.settings(teacher_cfg))
-          teacher = models.build_net(config.teacher_arch, info.num_classes, input_shape)
-          teacher.trainable = False
-    student, distiller = build(teacher)
+        teacher = models.load_teacher(config.teacher_ckpt, config.teacher_arch,
+                                      info.num_classes, input_shape)
+    elif source == "train":  # a stand-in of the right shape validates the pair before any write
+      RunDir(teacher_cfg.train_dir).state(cfg.settings(teacher_cfg))
+      with strategy.scope():
+        teacher = models.build_net(config.teacher_arch, info.num_classes, input_shape)
+        teacher.trainable = False
+    student, teacher, distiller = build(teacher)
 
     # Every input is valid: from here on the train dir is written.
     if chief:
       run.create(flags or dataclasses.asdict(config), settings)
-    if train_teacher:
+    if source == "train":
       say(f"training the teacher {config.teacher_arch} into {teacher_cfg.train_dir}", verbose)
       train(teacher_cfg, flags=dict(dataclasses.asdict(teacher_cfg), trained_for=run.path))
       with strategy.scope():
         teacher = models.load_teacher(teacher_cfg.train_dir, config.teacher_arch,
                                       info.num_classes, input_shape)
-      student, distiller = build(teacher)
+      student, teacher, distiller = build(teacher)
 
     results = {}
-    if teacher is not None:
+    if source in ("checkpoint", "train"):
       results["teacher_top1"] = Evaluator(teacher, strategy)(test_ds)["top1"]
       say(f"teacher {config.teacher_arch}: test top1 {results['teacher_top1']:.2f}", verbose)
-    say(f"{distiller.method_name}: {config.teacher_arch + ' -> ' if teacher is not None else ''}"
-        f"{config.arch} on {config.dataset} ({info.num_examples} training images, "
-        f"{info.num_batches} steps/epoch, {replicas} replica(s)); weights "
+    pair = f"{config.teacher_arch} -> " if teacher is not None else ""
+    if source == "fresh":
+      pair = f"{config.teacher_arch} (peer, trained together) & "
+    say(f"{distiller.method_name}: {pair}{config.arch} on {config.dataset} ({info.num_examples} "
+        f"training images, {info.num_batches} steps/epoch, {replicas} replica(s)); weights "
         f"{distiller.hparams()}; train dir {run.path}", verbose)
 
     summaries = Summaries(run.path if chief else None)
@@ -157,7 +185,8 @@ def train(config, flags=None):
         epochs=config.epochs, base_lr=cfg.base_lr(config), momentum=config.momentum,
         weight_decay=config.weight_decay, jit_compile=config.jit_compile,
         loss_scale=policy.loss_scale, checkpoint_dir=checkpoint_dir, summaries=summaries,
-        metrics_sink=run.append_metrics if chief else None, verbose=verbose)
+        metrics_sink=run.append_metrics if chief else None, verbose=verbose,
+        extra_checkpointed=teacher.weights if source == "fresh" else ())
     try:
       results.update(trainer.fit())
     finally:
@@ -166,8 +195,15 @@ def train(config, flags=None):
                    teacher_arch=config.teacher_arch if teacher is not None else None,
                    train_dir=run.path, keras_file=run.keras_file, saved_model=run.saved_model,
                    student_params=int(sum(int(tf.size(v)) for v in student.trainable_variables)))
+    extra = distiller.extra_exports()
+    for name, model in extra.items():
+      results[f"{name}_top1"] = Evaluator(model, strategy)(test_ds)["top1"]
     if chief:
       models.export(student, run, input_shape)
+      for name, model in extra.items():
+        path = run.join(f"{name}.keras")
+        model.save(path)
+        results[f"{name}_keras_file"] = path
       run.write_results(results)
   say(f"done: last-epoch test top1 {results['top1']:.2f}, best {results['best_top1']:.2f} "
       f"(epoch {results['best_epoch']}); student exported to {run.keras_file}", verbose)
