@@ -282,6 +282,7 @@ def test_train_py_bad_inputs_in_a_fresh_process():
   fresh = os.path.join(ROOT, "runs", "never_written_by_tests")
   cases = [(["--cpu_replicas=2", "--batch_size=33"],
             r"--batch_size=33 is not divisible by the 2 replicas"),
+           (["--cpu_replicas=2", "--jit_compile"], r"--jit_compile with 2 replicas is not supported"),
            (["--epochs=abc"], r"flag --epochs=abc: invalid literal for int"),
            (["--no_such_flag=1"], r"Unknown command line flag 'no_such_flag'")]
   for args, pattern in cases:

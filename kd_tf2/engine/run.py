@@ -104,6 +104,14 @@ def train(config, flags=None):
     raise UsageError(f"--batch_size={config.batch_size} is not divisible by the {replicas} "
                      f"replicas of --strategy={config.strategy} (--cpu_replicas="
                      f"{config.cpu_replicas}); use a multiple of {replicas}")
+  if config.jit_compile and replicas > 1:
+    raise UsageError(f"--jit_compile with {replicas} replicas is not supported: synchronized "
+                     "BatchNorm all-reduces inside the compiled per-replica step, which TF 2.21 "
+                     "refuses (merge_call in a nested tf.function); use one replica or drop "
+                     "--jit_compile")
+  reason = distillers.get(config.method).jit_unsupported
+  if config.jit_compile and reason:
+    raise UsageError(f"--jit_compile: method {config.method} cannot be compiled with XLA: {reason}")
   train_ds, info = _load_data(config, "train", config.batch_size, fraction=config.fraction,
                               seed=config.seed)
   test_ds, _ = _load_data(config, eval_split(info.splits), config.batch_size)
