@@ -135,6 +135,8 @@ class Trainer:
     jit_compile: compile the per-replica step with XLA.
     loss_scale: wrap the optimisers in a ``LossScaleOptimizer`` (mixed float16).
     checkpoint_dir: where ``tf.train.CheckpointManager`` keeps checkpoints (None: none).
+    restore_dir: where to look for the checkpoint to resume from (default ``checkpoint_dir``;
+      multi-worker non-chief workers save to a scratch dir but resume from the chief's).
     summaries: a ``Summaries`` (TensorBoard) or None; metrics_sink: ``fn(record)`` or None.
     verbose: progress bar and one line per epoch.
     extra_checkpointed: further variables to checkpoint (e.g. a peer trained with the student).
@@ -142,8 +144,8 @@ class Trainer:
 
   def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
                global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
-               loss_scale=False, checkpoint_dir=None, summaries=None, metrics_sink=None,
-               verbose=True, extra_checkpointed=()):
+               loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
+               metrics_sink=None, verbose=True, extra_checkpointed=()):
     self.strategy, self.student, self.distiller = strategy, student, distiller
     self.train_data, self.test_data = train_data, test_data
     self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
@@ -183,6 +185,7 @@ class Trainer:
     tracked.update({f"optimizer_{p.name}": list(p.optimizer.variables) for p in self.phases})
     self.checkpoint = tf.train.Checkpoint(**tracked)
     self.manager = None
+    self.restore_dir = restore_dir or checkpoint_dir
     if checkpoint_dir:
       self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir, max_to_keep=2)
 
@@ -256,9 +259,10 @@ class Trainer:
 
   def restore(self):
     """Restore the latest checkpoint if any; returns (epochs done, steps done in the next)."""
-    if self.manager is None or self.manager.latest_checkpoint is None:
+    latest = tf.train.latest_checkpoint(self.restore_dir) if self.restore_dir else None
+    if latest is None:
       return 0, 0
-    self.checkpoint.restore(self.manager.latest_checkpoint).assert_consumed()
+    self.checkpoint.restore(latest).assert_consumed()
     done, steps = (int(v) for v in self.progress.numpy())
     return done, steps
 
@@ -276,6 +280,8 @@ class Trainer:
     start = time.time()
     try:
       for batch in self._distributed_train_data(skip):
+        if steps >= self.steps_per_epoch:  # equal step counts on every worker
+          break
         out = {k: float(v) for k, v in step(batch).items()}
         steps += 1
         for key, value in out.items():

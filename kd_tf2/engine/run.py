@@ -187,12 +187,21 @@ def train(config, flags=None):
     if chief:
       summaries.flags(flags or dataclasses.asdict(config), settings)
     checkpoint_dir = run.checkpoints if chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
+    train_data, steps = train_ds, info.num_batches
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      # Each worker reads its own shard, batched per replica; every worker runs the same number
+      # of steps (the global count), whatever the size of its shard.
+      train_data = kd_data.dataset_fn(config.dataset, "train", batch_size=config.batch_size,
+                                      fraction=config.fraction, seed=config.seed,
+                                      data_dir=config.data_dir or None)
+      steps = info.num_examples // config.batch_size
     trainer = Trainer(
-        strategy=strategy, student=student, distiller=distiller, train_data=train_ds,
-        test_data=test_ds, steps_per_epoch=info.num_batches, global_batch=config.batch_size,
+        strategy=strategy, student=student, distiller=distiller, train_data=train_data,
+        test_data=test_ds, steps_per_epoch=steps, global_batch=config.batch_size,
         epochs=config.epochs, base_lr=cfg.base_lr(config), momentum=config.momentum,
         weight_decay=config.weight_decay, jit_compile=config.jit_compile,
-        loss_scale=policy.loss_scale, checkpoint_dir=checkpoint_dir, summaries=summaries,
+        loss_scale=policy.loss_scale, checkpoint_dir=checkpoint_dir,
+        restore_dir=run.checkpoints, summaries=summaries,
         metrics_sink=run.append_metrics if chief else None, verbose=verbose,
         extra_checkpointed=teacher.weights if source == "fresh" else ())
     try:
