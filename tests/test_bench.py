@@ -235,8 +235,10 @@ def test_speed_reports_refusals_and_crashes_without_stopping(tmp_path, monkeypat
       return {"main": main, "status": "refused", "message": "AT cannot pair these nets"}
     if main == "ST":
       return {"main": main, "status": "error", "message": "child exited with code -9: Killed"}
-    ms = {"none": 10.0, "floor": 16.0, "FitNet": 20.0}
-    return {"main": main, "status": "ok", "peak_rss_mb": 700.0, "ms": ms}
+    # Three rounds; the load doubles every step times in round 2: paired ratios ignore it.
+    ms = {"none": [10.0, 20.0, 12.0], "floor": [16.0, 32.0, 15.0], "FitNet": [20.0, 40.0, 30.0]}
+    return {"main": main, "status": "ok", "peak_rss_mb": 700.0,
+            "ms": {k: v for k, v in ms.items() if k in (main, "none", "floor")}}
 
   monkeypatch.setattr(speed, "_run_child", fake_child)
   config = speed.SpeedConfig(arch="resnet8", teacher_arch="resnet14", batch_size=8)
@@ -245,10 +247,14 @@ def test_speed_reports_refusals_and_crashes_without_stopping(tmp_path, monkeypat
   by = {r["method"]: r for r in rows}
   assert by["AT"]["status"] == "refused" and by["AT"]["ms_per_step"] is None
   assert by["ST"]["status"] == "error"
-  assert by["FitNet"]["ratio_to_student"] == pytest.approx(2.0)
-  assert by["FitNet"]["ratio_to_floor"] == pytest.approx(1.25)
-  assert by["FitNet"]["images_per_sec"] == pytest.approx(400.0)
-  assert by["floor"]["ratio_to_student"] == pytest.approx(1.6)
+  assert by["FitNet"]["ms_per_step"] == pytest.approx(30.0)  # median of 20, 40, 30
+  assert by["FitNet"]["images_per_sec"] == pytest.approx(8 * 1000.0 / 30.0)
+  assert by["FitNet"]["ratio_to_student"] == pytest.approx(2.0)  # median of 2, 2, 2.5
+  assert by["FitNet"]["ratio_to_floor"] == pytest.approx(1.25)  # median of 1.25, 1.25, 2
+  assert by["floor"]["ratio_to_student"] == pytest.approx(1.6)  # median of 1.6, 1.6, 1.25
+  assert by["none"]["ratio_to_floor"] == pytest.approx(0.625)
+  with pytest.raises(ValueError, match="aligned"):
+    speed.paired_ratio([1.0, 2.0], [1.0])
   assert "refused: AT cannot pair these nets" in text
   assert len(json.loads((tmp_path / "s.json").read_text())) == 5
 

@@ -139,6 +139,10 @@ def main(argv=None):
     fail(e)
   except TrainingInterrupted as e:
     print(f"kd_tf2.bench: {e}", file=sys.stderr, flush=True)
+  except KeyboardInterrupt:
+    print("kd_tf2.bench: interrupted; rerun the same command to resume", file=sys.stderr,
+          flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

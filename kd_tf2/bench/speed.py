@@ -24,10 +24,11 @@ the only way to give each method its own peak. The child:
    student, floor, method, ...), each step ended by reading its loss back to Python.
 
 ``ms_per_step`` is the median over the timed steps (robust to the spikes of a shared machine);
-``images_per_sec`` is ``batch / median``; the two ratios divide the method's median by the
-references' medians from the same child, so slow drift of the machine's load cancels out. The
-``none`` and ``floor`` rows are children of their own (their ratio to themselves is 1 by
-definition). A method that refuses the pair (``UsageError``) or cannot be compiled with XLA under
+``images_per_sec`` is ``batch / median``. The two ratios are paired: the median over rounds of
+(method step time / reference step time of the same round), steps a few hundred milliseconds apart,
+so the load of a shared machine, which changes on the scale of seconds, cancels out of them - the
+absolute numbers of different rows, measured minutes apart, do not enjoy that. The ``none`` and
+``floor`` rows are children of their own (their ratio to themselves is 1 by definition). A method that refuses the pair (``UsageError``) or cannot be compiled with XLA under
 ``--jit_compile`` is reported as refused, and any other failure as an error, without stopping the
 other rows.
 """
@@ -240,7 +241,8 @@ def _policy(mixed_precision):
 def measure(config, main):
   """Measure row ``main`` (a method, or ``FLOOR``) in this process; see the module docstring.
 
-  Returns ``{"main", "status": "ok", "peak_rss_mb", "ms": {kind: median ms}}`` or
+  Returns ``{"main", "status": "ok", "peak_rss_mb", "ms": {kind: [ms of each timed step]}}``
+  (the kinds' lists are aligned: entry i of each is round i) or
   ``{"main", "status": "refused"|"error", "message"}``.
   """
   import keras  # pylint: disable=import-outside-toplevel
@@ -275,7 +277,7 @@ def measure(config, main):
     return {"main": main, "status": "refused", "message": _one_line(e)}
   except Exception as e:  # pylint: disable=broad-except
     return {"main": main, "status": "error", "message": f"{type(e).__name__}: {_one_line(e)}"}
-  ms = {kind: 1000.0 * statistics.median(values) for kind, values in times.items()}
+  ms = {kind: [round(1000.0 * t, 4) for t in values] for kind, values in times.items()}
   return {"main": main, "status": "ok", "peak_rss_mb": peak, "ms": ms}
 
 
@@ -326,10 +328,11 @@ def row_from_result(result, batch_size):
     row["note"] = result.get("message", "")
     return row
   ms = result["ms"]
-  row.update(images_per_sec=batch_size * 1000.0 / ms[main], ms_per_step=ms[main],
+  median = statistics.median(ms[main])
+  row.update(images_per_sec=batch_size * 1000.0 / median, ms_per_step=median,
              peak_rss_mb=result["peak_rss_mb"],
-             ratio_to_student=1.0 if main == STUDENT else ms[main] / ms[STUDENT],
-             ratio_to_floor=1.0 if main == FLOOR else ms[main] / ms[FLOOR])
+             ratio_to_student=1.0 if main == STUDENT else paired_ratio(ms[main], ms[STUDENT]),
+             ratio_to_floor=1.0 if main == FLOOR else paired_ratio(ms[main], ms[FLOOR]))
   if main == FLOOR:
     row["note"] = "one student step + one teacher forward pass"
   elif main == STUDENT:
@@ -337,6 +340,14 @@ def row_from_result(result, batch_size):
   elif _custom_step(main):
     row["note"] = "own train_step"
   return row
+
+
+def paired_ratio(times, reference):
+  """Median over rounds i of ``times[i] / reference[i]`` (aligned lists of step times)."""
+  if len(times) != len(reference) or not times:
+    raise ValueError(f"paired_ratio needs two aligned non-empty lists, got {len(times)} and "
+                     f"{len(reference)} values")
+  return statistics.median(a / b for a, b in zip(times, reference))
 
 
 def _custom_step(method):
@@ -407,8 +418,8 @@ def run(config, methods, json_path=None, log=None, timeout=None):
   caption = (f"Training-step speed, {config.teacher_arch} -> {config.arch}, batch "
              f"{config.batch_size}, {config.image_size}x{config.image_size} random images, "
              f"{config.num_classes} classes, {precision}, {compiled}; median of {config.steps} "
-             f"steps after {config.warmup} warm-up, each row in its own process, ratios against "
-             f"references interleaved in that process. Machine: {machine_label()}; load average "
+             f"steps after {config.warmup} warm-up, each row in its own process; ratios are medians "
+             f"of per-round ratios to references interleaved step by step in that process. Machine: {machine_label()}; load average "
              f"{load_start:.1f} at start, {load_end:.1f} at end.")
   if json_path:
     directory = os.path.dirname(os.path.abspath(json_path))

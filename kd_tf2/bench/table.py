@@ -312,6 +312,7 @@ class Sweep:
     self.runs_dir = os.path.abspath(os.path.expanduser(runs_dir))
     self.executor, self.flags = executor, dict(train_flags)
     self.log = log or (lambda message: print(message, flush=True))
+    self.stop_requested = False
     self.base = TrainConfig(**self.flags)
     # Bad flags fail now, before anything is trained.
     from kd_tf2.engine import config as cfg  # pylint: disable=import-outside-toplevel
@@ -375,7 +376,7 @@ class Sweep:
       self._run_cell(cell, tag)
       if cell.row == TEACHER:
         teachers[(cell.fraction, cell.seed)] = cell.status in _FINISHED
-      interrupted = cell.status == INTERRUPTED
+      interrupted = cell.status == INTERRUPTED or self.stop_requested
       self.write()
     outcome = self.write()
     outcome.interrupted = interrupted
@@ -400,9 +401,9 @@ class Sweep:
       return
     start = time.time()
     if self.executor == "inprocess":
-      self._in_process(cell)
+      self._in_process(cell, tag)
     else:
-      self._subprocess(cell)
+      self._subprocess(cell, tag)
     took = time.time() - start
     if cell.status == DONE:
       r = cell.results
@@ -417,11 +418,11 @@ class Sweep:
     except (OSError, ValueError):
       return None
 
-  def _in_process(self, cell):
+  def _in_process(self, cell, tag):
     import keras  # pylint: disable=import-outside-toplevel
     from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
     from kd_tf2.errors import TrainingDiverged, TrainingInterrupted  # pylint: disable=import-outside-toplevel
-    self.log(f"{cell.name}: training in this process into {cell.train_dir}")
+    self.log(f"{tag}: training in this process into {cell.train_dir}")
     try:
       cell.results = engine.train(cell.config)
       cell.status = DONE
@@ -439,10 +440,10 @@ class Sweep:
   def log_path(self, cell):
     return os.path.join(self.runs_dir, "logs", cell.name.replace("/", "_") + ".log")
 
-  def _subprocess(self, cell):
+  def _subprocess(self, cell, tag):
     log_path = self.log_path(cell)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    self.log(f"{cell.name}: training in a subprocess into {cell.train_dir} (log {log_path})")
+    self.log(f"{tag}: training in a subprocess into {cell.train_dir} (log {log_path})")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -458,7 +459,9 @@ class Sweep:
       code = forward.proc.wait()
     status = _EXIT.get(code, FAILED)
     if forward.signal is not None:
-      status = INTERRUPTED
+      self.stop_requested = True
+      if status != DONE:
+        status = INTERRUPTED
     cell.results = self._results_of(cell) if status == DONE else None
     if status == DONE and cell.results is None:
       status = FAILED
@@ -519,7 +522,20 @@ class Sweep:
     for row in summary["rows"]:
       texts = [_cell_text(row["cells"][f"{f:g}"], len(self.seeds)) for f in self.fractions]
       lines.append(f"| {row['label']} | " + " | ".join(texts) + " |")
+    lines += ["", f"Command: `{self.command()}`"]
     return "\n".join(lines) + "\n"
+
+  def command(self):
+    """The command line that reproduces (or resumes) this table."""
+    parts = ["python -m kd_tf2.bench table", f"--methods={','.join(self.methods) or 'none'}",
+             f"--fractions={','.join(f'{f:g}' for f in self.fractions)}",
+             f"--seeds={','.join(str(s) for s in self.seeds)}", f"--runs_dir={self.runs_dir}"]
+    for key, value in sorted(self.flags.items()):
+      if isinstance(value, bool):
+        parts.append(f"--{key}" if value else f"--no{key}")
+      else:
+        parts.append(f"--{key}={value}")
+    return " ".join(parts)
 
   def write(self):
     """Write results.json and results.md into the runs directory; returns an Outcome."""
