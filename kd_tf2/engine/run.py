@@ -88,18 +88,8 @@ class _Policy:
     return False
 
 
-def train(config, flags=None):
-  """Train (or resume, or reuse) the run described by ``config`` (a ``TrainConfig``).
-
-  ``flags``: the command line to record (default: the config's fields). Returns the results dict:
-  last-epoch ``top1``/``top5``/``loss``/``n`` on the evaluation split, ``best_top1`` and
-  ``best_epoch``, ``images_per_sec``, ``teacher_top1``, paths of the exports.
-  """
-  config = cfg.validate(config)
-  verbose = config.verbose
-  configure_cpu_replicas(config.cpu_replicas)
-  strategy = make_strategy(config.strategy)
-  replicas = strategy.num_replicas_in_sync
+def check_execution(config, replicas):
+  """Refuse execution settings that cannot work with this many replicas / this method."""
   if config.batch_size % replicas:
     raise UsageError(f"--batch_size={config.batch_size} is not divisible by the {replicas} "
                      f"replicas of --strategy={config.strategy} (--cpu_replicas="
@@ -112,118 +102,164 @@ def train(config, flags=None):
   reason = distillers.get(config.method).jit_unsupported
   if config.jit_compile and reason:
     raise UsageError(f"--jit_compile: method {config.method} cannot be compiled with XLA: {reason}")
-  train_ds, info = _load_data(config, "train", config.batch_size, fraction=config.fraction,
-                              seed=config.seed)
-  test_ds, _ = _load_data(config, eval_split(info.splits), config.batch_size)
-  input_shape = info.image_shape
-  chief = is_chief(strategy)
-  run = RunDir(config.train_dir)
-  settings = cfg.settings(config)
-  state = run.state(settings)
-  if state == DONE:
-    results = run.results()
-    say(f"{run.path} is already trained (top1 {results['top1']:.2f}, best "
-        f"{results['best_top1']:.2f}); nothing to do", verbose)
+
+
+class _Job:
+  """One ``train`` call: the validated config, its strategy, data and train dir (reads only)."""
+
+  def __init__(self, config):
+    self.config = c = cfg.validate(config)
+    configure_cpu_replicas(c.cpu_replicas)
+    self.strategy = make_strategy(c.strategy)
+    self.replicas = self.strategy.num_replicas_in_sync
+    check_execution(c, self.replicas)
+    self.train_ds, self.info = _load_data(c, "train", c.batch_size, fraction=c.fraction,
+                                          seed=c.seed)
+    self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
+    self.input_shape = self.info.image_shape
+    self.chief = is_chief(self.strategy)
+    self.run = RunDir(c.train_dir)
+    self.settings = cfg.settings(c)
+    self.state = self.run.state(self.settings)
+    self.source = cfg.teacher_source(c)
+    self.teacher_cfg = cfg.teacher_config(c) if self.source == "train" else None
+    self.hparams = dict(ce_weight=c.ce_weight, kd_weight=c.kd_weight,
+                        method_weight=c.method_weight, temperature=c.temperature,
+                        init_epochs=c.init_epochs)
+
+  def say(self, message):
+    say(message, self.config.verbose)
+
+  def given_teacher(self):
+    """The teacher known before anything is written: loaded from --teacher_ckpt, or an untrained
+    stand-in of the right shape (validates the pair) when it is to be trained first."""
+    c = self.config
+    if self.source == "checkpoint":
+      with self.strategy.scope():
+        return models.load_teacher(c.teacher_ckpt, c.teacher_arch, self.info.num_classes,
+                                   self.input_shape)
+    if self.source == "train":
+      RunDir(self.teacher_cfg.train_dir).state(cfg.settings(self.teacher_cfg))
+      with self.strategy.scope():
+        stand_in = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape)
+      stand_in.trainable = False
+      return stand_in
+    return None
+
+  def build(self, teacher):
+    """(student, teacher, distiller): seeded, in the strategy scope; a fresh peer for methods
+    that train their teacher with the student."""
+    c, sync = self.config, self.replicas > 1
+    if not hasattr(self, "_engine_hparams"):
+      self._engine_hparams = engine_hparams(distillers.get(c.method), c)
+    keras.utils.set_random_seed(c.seed)
+    with self.strategy.scope():
+      student = models.build_net(c.arch, self.info.num_classes, self.input_shape,
+                                 synchronized_bn=sync)
+      if self.source == "fresh":
+        teacher = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape,
+                                   synchronized_bn=sync)
+      distiller = distillers.create(c.method, student, teacher, input_shape=self.input_shape,
+                                    **self.hparams, **self._engine_hparams)
+    return student, teacher, distiller
+
+  def train_teacher(self):
+    """Train (or resume, or reuse) the teacher in TRAIN_DIR/teacher and load it."""
+    c = self.config
+    self.say(f"training the teacher {c.teacher_arch} into {self.teacher_cfg.train_dir}")
+    train(self.teacher_cfg, flags=dict(dataclasses.asdict(self.teacher_cfg),
+                                       trained_for=self.run.path))
+    with self.strategy.scope():
+      return models.load_teacher(self.teacher_cfg.train_dir, c.teacher_arch,
+                                 self.info.num_classes, self.input_shape)
+
+  def announce(self, teacher, distiller):
+    """Teacher accuracy (when it is a trained one) and a one-line description of the run."""
+    c, results = self.config, {}
+    if self.source in ("checkpoint", "train"):
+      results["teacher_top1"] = Evaluator(teacher, self.strategy)(self.test_ds)["top1"]
+      self.say(f"teacher {c.teacher_arch}: test top1 {results['teacher_top1']:.2f}")
+    pair = {None: "", "fresh": f"{c.teacher_arch} (peer, trained together) & "}.get(
+        self.source, f"{c.teacher_arch} -> ")
+    self.say(f"{distiller.method_name}: {pair}{c.arch} on {c.dataset} ({self.info.num_examples} "
+             f"training images, {self.info.num_batches} steps/epoch, {self.replicas} "
+             f"replica(s)); weights {distiller.hparams()}; train dir {self.run.path}")
     return results
 
-  source = cfg.teacher_source(config)
-  teacher_cfg = cfg.teacher_config(config) if source == "train" else None
-  method_cls = distillers.get(config.method)
-  hparams = dict(ce_weight=config.ce_weight, kd_weight=config.kd_weight,
-                 method_weight=config.method_weight, temperature=config.temperature,
-                 init_epochs=config.init_epochs)
-  hparams.update(engine_hparams(method_cls, config))
-
-  with _Policy(config.mixed_precision, strategy) as policy:
-
-    def build(teacher):
-      """Student (and a fresh peer), then the distiller; seeded, in the strategy scope."""
-      keras.utils.set_random_seed(config.seed)
-      with strategy.scope():
-        student = models.build_net(config.arch, info.num_classes, input_shape,
-                                   synchronized_bn=replicas > 1)
-        if source == "fresh":
-          teacher = models.build_net(config.teacher_arch, info.num_classes, input_shape,
-                                     synchronized_bn=replicas > 1)
-        distiller = distillers.create(config.method, student, teacher, input_shape=input_shape,
-                                      **hparams)
-      return student, teacher, distiller
-
-    teacher = None
-    if source == "checkpoint":
-      with strategy.scope():
-        teacher = models.load_teacher(config.teacher_ckpt, config.teacher_arch,
-                                      info.num_classes, input_shape)
-    elif source == "train":  # a stand-in of the right shape validates the pair before any write
-      RunDir(teacher_cfg.train_dir).state(cfg.settings(teacher_cfg))
-      with strategy.scope():
-        teacher = models.build_net(config.teacher_arch, info.num_classes, input_shape)
-        teacher.trainable = False
-    student, teacher, distiller = build(teacher)
-
-    # Every input is valid: from here on the train dir is written.
-    if chief:
-      run.create(flags or dataclasses.asdict(config), settings)
-    if source == "train":
-      say(f"training the teacher {config.teacher_arch} into {teacher_cfg.train_dir}", verbose)
-      train(teacher_cfg, flags=dict(dataclasses.asdict(teacher_cfg), trained_for=run.path))
-      with strategy.scope():
-        teacher = models.load_teacher(teacher_cfg.train_dir, config.teacher_arch,
-                                      info.num_classes, input_shape)
-      student, teacher, distiller = build(teacher)
-
-    results = {}
-    if source in ("checkpoint", "train"):
-      results["teacher_top1"] = Evaluator(teacher, strategy)(test_ds)["top1"]
-      say(f"teacher {config.teacher_arch}: test top1 {results['teacher_top1']:.2f}", verbose)
-    pair = f"{config.teacher_arch} -> " if teacher is not None else ""
-    if source == "fresh":
-      pair = f"{config.teacher_arch} (peer, trained together) & "
-    say(f"{distiller.method_name}: {pair}{config.arch} on {config.dataset} ({info.num_examples} "
-        f"training images, {info.num_batches} steps/epoch, {replicas} replica(s)); weights "
-        f"{distiller.hparams()}; train dir {run.path}", verbose)
-
-    summaries = Summaries(run.path if chief else None)
-    if chief:
-      summaries.flags(flags or dataclasses.asdict(config), settings)
-    checkpoint_dir = run.checkpoints if chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
-    train_data, steps = train_ds, info.num_batches
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  def trainer(self, student, teacher, distiller, summaries, loss_scale):
+    c = self.config
+    train_data, steps = self.train_ds, self.info.num_batches
+    if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
       # Each worker reads its own shard, batched per replica; every worker runs the same number
       # of steps (the global count), whatever the size of its shard.
-      train_data = kd_data.dataset_fn(config.dataset, "train", batch_size=config.batch_size,
-                                      fraction=config.fraction, seed=config.seed,
-                                      data_dir=config.data_dir or None)
-      steps = info.num_examples // config.batch_size
-    trainer = Trainer(
-        strategy=strategy, student=student, distiller=distiller, train_data=train_data,
-        test_data=test_ds, steps_per_epoch=steps, global_batch=config.batch_size,
-        epochs=config.epochs, base_lr=cfg.base_lr(config), momentum=config.momentum,
-        weight_decay=config.weight_decay, jit_compile=config.jit_compile,
-        loss_scale=policy.loss_scale, checkpoint_dir=checkpoint_dir,
-        restore_dir=run.checkpoints, summaries=summaries,
-        metrics_sink=run.append_metrics if chief else None, verbose=verbose,
-        extra_checkpointed=teacher.weights if source == "fresh" else ())
-    try:
-      results.update(trainer.fit())
-    finally:
-      summaries.close()
-    results.update(method=distiller.method_name, arch=config.arch, dataset=config.dataset,
-                   teacher_arch=config.teacher_arch if teacher is not None else None,
+      train_data = kd_data.dataset_fn(c.dataset, "train", batch_size=c.batch_size,
+                                      fraction=c.fraction, seed=c.seed,
+                                      data_dir=c.data_dir or None)
+      steps = self.info.num_examples // c.batch_size
+    scratch = None if self.chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
+    return Trainer(
+        strategy=self.strategy, student=student, distiller=distiller, train_data=train_data,
+        test_data=self.test_ds, steps_per_epoch=steps, global_batch=c.batch_size,
+        epochs=c.epochs, base_lr=cfg.base_lr(c), momentum=c.momentum,
+        weight_decay=c.weight_decay, jit_compile=c.jit_compile, loss_scale=loss_scale,
+        checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
+        summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
+        verbose=c.verbose,
+        extra_checkpointed=teacher.weights if self.source == "fresh" else ())
+
+  def export(self, student, teacher, distiller):
+    """Evaluate and export the trained nets (chief only writes); returns their results."""
+    c, run = self.config, self.run
+    results = dict(method=distiller.method_name, arch=c.arch, dataset=c.dataset,
+                   teacher_arch=c.teacher_arch if teacher is not None else None,
                    train_dir=run.path, keras_file=run.keras_file, saved_model=run.saved_model,
                    student_params=int(sum(int(tf.size(v)) for v in student.trainable_variables)))
     extra = distiller.extra_exports()
     for name, model in extra.items():
-      results[f"{name}_top1"] = Evaluator(model, strategy)(test_ds)["top1"]
-    if chief:
-      models.export(student, run, input_shape)
+      results[f"{name}_top1"] = Evaluator(model, self.strategy)(self.test_ds)["top1"]
+    if self.chief:
+      models.export(student, run, self.input_shape)
       for name, model in extra.items():
-        path = run.join(f"{name}.keras")
-        model.save(path)
-        results[f"{name}_keras_file"] = path
-      run.write_results(results)
-  say(f"done: last-epoch test top1 {results['top1']:.2f}, best {results['best_top1']:.2f} "
-      f"(epoch {results['best_epoch']}); student exported to {run.keras_file}", verbose)
+        results[f"{name}_keras_file"] = run.join(f"{name}.keras")
+        model.save(results[f"{name}_keras_file"])
+    return results
+
+
+def train(config, flags=None):
+  """Train (or resume, or reuse) the run described by ``config`` (a ``TrainConfig``).
+
+  ``flags``: the command line to record (default: the config's fields). Returns the results dict:
+  last-epoch ``top1``/``top5``/``loss``/``n`` on the evaluation split, ``best_top1`` and
+  ``best_epoch``, ``images_per_sec``, ``teacher_top1``, paths of the exports.
+  """
+  job = _Job(config)
+  if job.state == DONE:
+    results = job.run.results()
+    job.say(f"{job.run.path} is already trained (top1 {results['top1']:.2f}, best "
+            f"{results['best_top1']:.2f}); nothing to do")
+    return results
+  flags = flags or dataclasses.asdict(job.config)
+  with _Policy(job.config.mixed_precision, job.strategy) as policy:
+    student, teacher, distiller = job.build(job.given_teacher())
+    # Every input is valid: from here on the train dir is written.
+    if job.chief:
+      job.run.create(flags, job.settings)
+    if job.source == "train":
+      student, teacher, distiller = job.build(job.train_teacher())
+    results = job.announce(teacher, distiller)
+    summaries = Summaries(job.run.path if job.chief else None)
+    if job.chief:
+      summaries.flags(flags, job.settings)
+    trainer = job.trainer(student, teacher, distiller, summaries, policy.loss_scale)
+    try:
+      results.update(trainer.fit())
+    finally:
+      summaries.close()
+    results.update(job.export(student, teacher, distiller))
+    if job.chief:
+      job.run.write_results(results)
+  job.say(f"done: last-epoch test top1 {results['top1']:.2f}, best {results['best_top1']:.2f} "
+          f"(epoch {results['best_epoch']}); student exported to {job.run.keras_file}")
   return results
 
 
