@@ -288,10 +288,11 @@ class Trainer:
           if key.startswith("_"):
             continue
           if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"non-finite loss term {key!r} = {value} at epoch {epoch + 1} step {steps} "
-                f"({phase.name}); stopped without saving: the last checkpoint (epoch {epoch}"
-                f"{'' if skip == 0 else f' step {skip}'}) is kept")
+            kept = f"the last checkpoint (epoch {epoch}{f' step {skip}' if skip else ''}) is kept"
+            if not epoch and not skip:
+              kept = "there is no checkpoint yet"
+            raise TrainingDiverged(f"non-finite loss term {key!r} = {value} at epoch {epoch + 1} "
+                                   f"step {steps} ({phase.name}); stopped without saving: {kept}")
           sums[key] = sums.get(key, 0.0) + value
         correct += out["_correct"]
         count += out["_count"]
