@@ -21,8 +21,8 @@ from kd_tf2 import cli  # noqa: E402
 from kd_tf2.errors import TrainingDiverged, TrainingInterrupted  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "ST", "Distillation method (case-insensitive; see --helpfull for "
-                    "the list), e.g. none, ST (KD), AT, FitNet.")
+flags.DEFINE_string("method", "ST", "Distillation method, case-insensitive: none, ST (KD), AT, "
+                    "FitNet, ... (an unknown name prints the full list).")
 flags.DEFINE_string("arch", "resnet8x4", "Student architecture (a nets name).")
 flags.DEFINE_string("teacher_arch", "resnet32x4", "Teacher architecture (a nets name).")
 flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file, or reference "
