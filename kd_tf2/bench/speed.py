@@ -321,9 +321,11 @@ def _run_child(config, main, timeout=None):
 
 
 def row_from_result(result, batch_size):
-  """One JSON row (``KEYS`` plus ``status`` and ``note``) from a child's result."""
+  """One JSON row from a child's result: ``KEYS``, ``status``, ``note`` and ``samples_ms`` (every
+  timed step of the row and of its references, round by round, for other statistics)."""
   main = result["main"]
-  row = {"method": main, **{k: None for k in KEYS[1:]}, "status": result["status"], "note": ""}
+  row = {"method": main, **{k: None for k in KEYS[1:]}, "status": result["status"], "note": "",
+         "samples_ms": result.get("ms", {})}
   if result["status"] != "ok":
     row["note"] = result.get("message", "")
     return row
@@ -419,8 +421,10 @@ def run(config, methods, json_path=None, log=None, timeout=None):
              f"{config.batch_size}, {config.image_size}x{config.image_size} random images, "
              f"{config.num_classes} classes, {precision}, {compiled}; median of {config.steps} "
              f"steps after {config.warmup} warm-up, each row in its own process; ratios are medians "
-             f"of per-round ratios to references interleaved step by step in that process. Machine: {machine_label()}; load average "
-             f"{load_start:.1f} at start, {load_end:.1f} at end.")
+             f"of per-round ratios to references interleaved step by step in that process (absolute "
+             f"times of different rows were measured minutes apart: compare rows by their "
+             f"ratios). Machine: {machine_label()}; load average {load_start:.1f} at start, "
+             f"{load_end:.1f} at end.")
   if json_path:
     directory = os.path.dirname(os.path.abspath(json_path))
     os.makedirs(directory, exist_ok=True)
