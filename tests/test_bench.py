@@ -221,10 +221,12 @@ def test_speed_two_methods_emit_valid_json(tmp_path):
   for r in data:
     assert set(speed.KEYS) <= set(r), r
     assert r["status"] == "ok", r
-    for key in speed.KEYS[1:]:
+    for key in speed.KEYS[1:] + speed.CPU_KEYS:
       assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert len(r["samples_ms"][r["method"]]) == 2  # --steps
     assert r["images_per_sec"] * r["ms_per_step"] / 1000.0 == pytest.approx(8.0)
   assert data[0]["ratio_to_student"] == 1.0 and data[1]["ratio_to_floor"] == 1.0
+  assert data[0]["cpu_ratio_to_student"] == 1.0 and data[1]["cpu_ratio_to_floor"] == 1.0
   table_lines = [line for line in text.splitlines() if line.startswith("| ")]
   assert len(table_lines) == 1 + 4 and "ms/step" in table_lines[0]
 
@@ -237,8 +239,11 @@ def test_speed_reports_refusals_and_crashes_without_stopping(tmp_path, monkeypat
       return {"main": main, "status": "error", "message": "child exited with code -9: Killed"}
     # Three rounds; the load doubles every step times in round 2: paired ratios ignore it.
     ms = {"none": [10.0, 20.0, 12.0], "floor": [16.0, 32.0, 15.0], "FitNet": [20.0, 40.0, 30.0]}
+    cpu = {"none": [9.0, 9.0, 9.0], "floor": [15.0, 15.0, 15.0], "FitNet": [18.0, 18.0, 30.0]}
+    kinds = (main, "none", "floor")
     return {"main": main, "status": "ok", "peak_rss_mb": 700.0,
-            "ms": {k: v for k, v in ms.items() if k in (main, "none", "floor")}}
+            "ms": {k: v for k, v in ms.items() if k in kinds},
+            "cpu_ms": {k: v for k, v in cpu.items() if k in kinds}}
 
   monkeypatch.setattr(speed, "_run_child", fake_child)
   config = speed.SpeedConfig(arch="resnet8", teacher_arch="resnet14", batch_size=8)
@@ -253,6 +258,10 @@ def test_speed_reports_refusals_and_crashes_without_stopping(tmp_path, monkeypat
   assert by["FitNet"]["ratio_to_floor"] == pytest.approx(1.25)  # median of 1.25, 1.25, 2
   assert by["floor"]["ratio_to_student"] == pytest.approx(1.6)  # median of 1.6, 1.6, 1.25
   assert by["none"]["ratio_to_floor"] == pytest.approx(0.625)
+  assert by["FitNet"]["cpu_ms_per_step"] == pytest.approx(18.0)
+  assert by["FitNet"]["cpu_ratio_to_floor"] == pytest.approx(1.2)  # median of 1.2, 1.2, 2
+  assert by["FitNet"]["cpu_ratio_to_student"] == pytest.approx(2.0)
+  assert by["AT"]["cpu_ratio_to_floor"] is None
   with pytest.raises(ValueError, match="aligned"):
     speed.paired_ratio([1.0, 2.0], [1.0])
   assert "refused: AT cannot pair these nets" in text

@@ -27,7 +27,12 @@ the only way to give each method its own peak. The child:
 ``images_per_sec`` is ``batch / median``. The two ratios are paired: the median over rounds of
 (method step time / reference step time of the same round), steps a few hundred milliseconds apart,
 so the load of a shared machine, which changes on the scale of seconds, cancels out of them - the
-absolute numbers of different rows, measured minutes apart, do not enjoy that. The ``none`` and
+absolute numbers of different rows, measured minutes apart, do not enjoy that. The same statistics
+are also computed from the CPU time of the process during each step (``time.process_time``, all
+threads): ``cpu_ms_per_step``, ``cpu_ratio_to_student``, ``cpu_ratio_to_floor``. CPU time counts
+the work done, not the time spent waiting for a core, so on a loaded machine it is the steadier
+measure of what a method costs (it still includes thread-pool spinning); wall time is what a user
+waits. The ``none`` and
 ``floor`` rows are children of their own (their ratio to themselves is 1 by definition). A method that refuses the pair (``UsageError``) or cannot be compiled with XLA under
 ``--jit_compile`` is reported as refused, and any other failure as an error, without stopping the
 other rows.
@@ -47,6 +52,8 @@ FLOOR = "floor"
 RESULT_PREFIX = "KD_TF2_SPEED_RESULT "
 KEYS = ("method", "images_per_sec", "ms_per_step", "peak_rss_mb", "ratio_to_student",
         "ratio_to_floor")
+# The same step times measured in CPU time of the process (all threads) instead of wall time.
+CPU_KEYS = ("cpu_ms_per_step", "cpu_ratio_to_student", "cpu_ratio_to_floor")
 
 
 @dataclasses.dataclass
@@ -220,12 +227,13 @@ def _random_batch(config):
 
 
 def _run(step, batch):
-  """One step, finished: every output read back to Python. Returns its wall time (s)."""
-  start = time.perf_counter()
+  """One step, finished: every output read back to Python. Returns its wall time and the CPU
+  time of this process (all threads) during it, in seconds."""
+  wall, cpu = time.perf_counter(), time.process_time()
   out = step(batch)
   for value in out.values():
     value.numpy()
-  return time.perf_counter() - start
+  return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _policy(mixed_precision):
@@ -241,8 +249,9 @@ def _policy(mixed_precision):
 def measure(config, main):
   """Measure row ``main`` (a method, or ``FLOOR``) in this process; see the module docstring.
 
-  Returns ``{"main", "status": "ok", "peak_rss_mb", "ms": {kind: [ms of each timed step]}}``
-  (the kinds' lists are aligned: entry i of each is round i) or
+  Returns ``{"main", "status": "ok", "peak_rss_mb", "ms": {kind: [wall ms of each timed step]},
+  "cpu_ms": {kind: [process CPU ms of each timed step]}}`` (the kinds' lists are aligned: entry i
+  of each is round i) or
   ``{"main", "status": "refused"|"error", "message"}``.
   """
   import keras  # pylint: disable=import-outside-toplevel
@@ -277,8 +286,10 @@ def measure(config, main):
     return {"main": main, "status": "refused", "message": _one_line(e)}
   except Exception as e:  # pylint: disable=broad-except
     return {"main": main, "status": "error", "message": f"{type(e).__name__}: {_one_line(e)}"}
-  ms = {kind: [round(1000.0 * t, 4) for t in values] for kind, values in times.items()}
-  return {"main": main, "status": "ok", "peak_rss_mb": peak, "ms": ms}
+  ms = {kind: [round(1000.0 * wall, 4) for wall, _ in values] for kind, values in times.items()}
+  cpu_ms = {kind: [round(1000.0 * cpu, 4) for _, cpu in values]
+            for kind, values in times.items()}
+  return {"main": main, "status": "ok", "peak_rss_mb": peak, "ms": ms, "cpu_ms": cpu_ms}
 
 
 def _one_line(error):
@@ -324,8 +335,8 @@ def row_from_result(result, batch_size):
   """One JSON row from a child's result: ``KEYS``, ``status``, ``note`` and ``samples_ms`` (every
   timed step of the row and of its references, round by round, for other statistics)."""
   main = result["main"]
-  row = {"method": main, **{k: None for k in KEYS[1:]}, "status": result["status"], "note": "",
-         "samples_ms": result.get("ms", {})}
+  row = {"method": main, **{k: None for k in KEYS[1:] + CPU_KEYS}, "status": result["status"],
+         "note": "", "samples_ms": result.get("ms", {}), "samples_cpu_ms": result.get("cpu_ms", {})}
   if result["status"] != "ok":
     row["note"] = result.get("message", "")
     return row
@@ -335,6 +346,12 @@ def row_from_result(result, batch_size):
              peak_rss_mb=result["peak_rss_mb"],
              ratio_to_student=1.0 if main == STUDENT else paired_ratio(ms[main], ms[STUDENT]),
              ratio_to_floor=1.0 if main == FLOOR else paired_ratio(ms[main], ms[FLOOR]))
+  cpu = result.get("cpu_ms")
+  if cpu:
+    row.update(cpu_ms_per_step=statistics.median(cpu[main]),
+               cpu_ratio_to_student=1.0 if main == STUDENT else paired_ratio(cpu[main],
+                                                                             cpu[STUDENT]),
+               cpu_ratio_to_floor=1.0 if main == FLOOR else paired_ratio(cpu[main], cpu[FLOOR]))
   if main == FLOOR:
     row["note"] = "one student step + one teacher forward pass"
   elif main == STUDENT:
@@ -379,14 +396,17 @@ def _fmt(value, spec):
 def markdown(rows, caption):
   """The rows as a markdown table under a one-paragraph caption."""
   lines = [caption, "",
-           "| method | images/s | ms/step | peak RSS MB | × student | × floor | note |",
-           "|---|---:|---:|---:|---:|---:|---|"]
+           "| method | images/s | ms/step | peak RSS MB | × student | × floor | CPU ms/step | "
+           "× student (CPU) | × floor (CPU) | note |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
     lines.append(f"| {r['method']} | {_fmt(r['images_per_sec'], '.1f')} | "
                  f"{_fmt(r['ms_per_step'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
                  f"{_fmt(r['ratio_to_student'], '.2f')} | {_fmt(r['ratio_to_floor'], '.2f')} | "
-                 f"{note.replace('|', '/')} |")
+                 f"{_fmt(r.get('cpu_ms_per_step'), '.1f')} | "
+                 f"{_fmt(r.get('cpu_ratio_to_student'), '.2f')} | "
+                 f"{_fmt(r.get('cpu_ratio_to_floor'), '.2f')} | {note.replace('|', '/')} |")
   return "\n".join(lines)
 
 
