@@ -171,7 +171,7 @@ class Trainer:
       # [epochs completed (all phases), steps completed in the running epoch]
       self.progress = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="progress")
       # [best main-phase test top-1, its (global, 1-based) epoch]
-      self.best = tf.Variable([-1.0, 0.0], dtype=tf.float32, trainable=False, name="best")
+      self.best = tf.Variable([-1.0, 0.0], dtype=tf.float64, trainable=False, name="best")
     self.total_epochs = sum(p.epochs for p in self.phases)
     self.evaluator = Evaluator(student, strategy)
     self._steps = {}
