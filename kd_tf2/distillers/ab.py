@@ -30,20 +30,10 @@ import tensorflow as tf
 from kd_tf2 import losses as kd_losses
 from kd_tf2.connectors import ConvReg
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, Stage
+from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch, feature_variables
 from kd_tf2.errors import UsageError
 
 _log = logging.getLogger(__name__)
-
-
-def _arch(net):
-  return getattr(net, "arch", net.name)
-
-
-def feature_variables(student):
-  """The student's trainable variables except its classifier's (RepDistiller ``get_feat_modules``)."""
-  head = {id(v) for v in student.classifier.trainable_variables}
-  return [v for v in student.trainable_variables if id(v) not in head]
 
 
 class _Identity(keras.layers.Layer):

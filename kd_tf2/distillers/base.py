@@ -380,3 +380,14 @@ def _unique(variables):
       seen.add(key)
       out.append(v)
   return out
+
+
+def arch_name(net):
+  """The zoo name of a net (``nets`` models carry ``.arch``), else its Keras name: for messages."""
+  return getattr(net, "arch", net.name)
+
+
+def feature_variables(student):
+  """The student's trainable variables except its classifier's (RepDistiller ``get_feat_modules``)."""
+  head = {id(v) for v in student.classifier.trainable_variables}
+  return [v for v in student.trainable_variables if id(v) not in head]

@@ -39,14 +39,10 @@ saturated teacher softmax gives g = 0, where the Zoo divides by zero).
 import tensorflow as tf
 
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
 
 _NEG = -1e9  # logit of the excluded classes when sampling (exp underflows to exactly 0)
-
-
-def _arch(net):
-  return getattr(net, "arch", net.name)
 
 
 def _pick(matrix, columns):

@@ -25,12 +25,8 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
-
-
-def _arch(net):
-  return getattr(net, "arch", net.name)
 
 
 def _float32(outputs):

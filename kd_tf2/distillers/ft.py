@@ -32,15 +32,11 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, Stage
+from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 
 _SLOPE = 0.1
-
-
-def _arch(net):
-  return getattr(net, "arch", net.name)
 
 
 def _leaky_relu(x):

@@ -22,8 +22,8 @@ replica's own batch (the student's BatchNorm batch statistics couple its samples
 import tensorflow as tf
 
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput
-from kd_tf2.distillers.sobolev import arch_name, label_logit_sum, require_same_classes
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name
+from kd_tf2.distillers.sobolev import label_logit_sum, require_same_classes
 from kd_tf2.errors import UsageError
 from op_util.ops import flatten_per_sample, l2_normalize, pool_to_match
 

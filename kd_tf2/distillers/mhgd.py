@@ -40,16 +40,12 @@ import keras
 import tensorflow as tf
 
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, Stage, StepOutput
+from kd_tf2.distillers.base import Distiller, Stage, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 from op_util import l2_normalize
 
 STUDENT_CANDIDATES = 4  # the student keeps its first 4 right-singular vectors (k + 3, k = 1)
-
-
-def _arch(net):
-  return getattr(net, "arch", net.name)
 
 
 def _finite(x):

@@ -21,7 +21,7 @@ Zoo. METHODS.md notes the term is unstable alone: add ``--kd_weight`` for the so
 import tensorflow as tf
 
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name
 from kd_tf2.errors import UsageError
 from op_util.ops import flatten_per_sample, l2_normalize
 
@@ -36,11 +36,6 @@ def label_logit_sum(logits, labels):
 def normalized_gradient(grad):
   """[B, ...] gradient -> [B, N] per-sample unit vectors (float32)."""
   return l2_normalize(flatten_per_sample(tf.cast(grad, tf.float32)), axis=1)
-
-
-def arch_name(net):
-  """The zoo name of a net (``arch``), for messages."""
-  return getattr(net, "arch", net.name)
 
 
 def require_same_classes(method, distiller, s, t):
