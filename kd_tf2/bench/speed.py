@@ -375,7 +375,7 @@ def _custom_step(method):
 
 
 def machine_label():
-  """CPU model, core count and TensorFlow version, for the table's caption."""
+  """CPU model, core count (and the pinning, if any) and TensorFlow version, for the caption."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   model = platform.processor() or platform.machine()
   try:
@@ -386,7 +386,10 @@ def machine_label():
           break
   except OSError:
     pass
-  return f"{model}, {os.cpu_count()} CPU(s), TensorFlow {tf.__version__}"
+  cpus = f"{os.cpu_count()} CPU(s)"
+  if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < (os.cpu_count() or 0):
+    cpus += f", this benchmark pinned to {len(os.sched_getaffinity(0))} of them (taskset)"
+  return f"{model}, {cpus}, TensorFlow {tf.__version__}"
 
 
 def _fmt(value, spec):
