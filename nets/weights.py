@@ -10,6 +10,7 @@ the mapping below turns each layer kind into (state_dict key, Keras variable, tr
   num_batches_tracked                 -> dropped
 """
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -120,8 +121,18 @@ def read_state(path, trust_pickle=False):
     raise FileNotFoundError(f"no such state dict file: {path}")
   ext = os.path.splitext(path)[1].lower()
   if ext == ".npz":
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files if "." in k}
+    try:
+      data = np.load(path, allow_pickle=False)
+      if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("it holds one array, not named weights")
+      with data:
+        return {k: data[k] for k in data.files if "." in k}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      if "pickled" in reason:
+        reason = "not a zip archive of arrays"
+      raise ValueError(f"{path} is not a readable .npz state dict ({reason}); write one with "
+                       "numpy.savez(f, **state_dict)") from None
   if ext in (".pth", ".pt"):
     try:
       import torch  # pylint: disable=import-outside-toplevel

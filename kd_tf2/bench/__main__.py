@@ -65,8 +65,41 @@ def _speed_parser(sub):
   return p
 
 
+def _check_output(flag, path, is_dir):
+  """``UsageError`` now, not after hours of work, if ``path`` (a file, or a directory when
+  ``is_dir``) cannot be written: it is the wrong kind of entry, or no writable directory holds it."""
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and os.path.isdir(path) != is_dir:
+    kind = "a file" if os.path.isdir(path) else "a directory"
+    raise UsageError(f"--{flag}={path} exists and is not {kind}")
+  parent = path if os.path.isdir(path) else os.path.dirname(path)
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UsageError(f"--{flag}={path} cannot be written: {parent} is not a writable directory")
+
+
+def _check_dataset(train_flags):
+  """The sweep's ``--dataset`` names a dataset (checked without reading it: every run of the
+  table would otherwise be refused one by one)."""
+  from kd_tf2 import data  # pylint: disable=import-outside-toplevel
+  from kd_tf2.engine import TrainConfig  # pylint: disable=import-outside-toplevel
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
+  name = train_flags.get("dataset", TrainConfig.dataset)
+  try:
+    data.check(name, train_flags.get("data_dir") or None)
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(f"--dataset={name}: {e}") from None
+
+
 def _speed(args):
   from kd_tf2.bench import speed  # pylint: disable=import-outside-toplevel
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
+  if args.timeout is not None and not args.timeout > 0:
+    raise UsageError(f"--timeout={args.timeout}: must be a number of seconds > 0")
+  if args.json:
+    _check_output("json", args.json, is_dir=False)
   config = speed.SpeedConfig(
       arch=args.arch, teacher_arch=args.teacher_arch, batch_size=args.batch_size,
       steps=args.steps, warmup=args.warmup, jit_compile=args.jit_compile,
@@ -80,6 +113,8 @@ def _speed(args):
 
 def _table(args, train_flags):
   from kd_tf2.bench import table  # pylint: disable=import-outside-toplevel
+  _check_output("runs_dir", args.runs_dir, is_dir=True)
+  _check_dataset(train_flags)
   sweep = table.Sweep.from_flags(
       methods=args.methods, fractions=args.fractions, seeds=args.seeds, runs_dir=args.runs_dir,
       executor=args.executor, train_flags=train_flags)

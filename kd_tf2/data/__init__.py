@@ -20,9 +20,9 @@ import dataclasses
 import numpy as np
 
 from kd_tf2.data import pipeline, sources, subset
-from kd_tf2.data.sources import available
+from kd_tf2.data.sources import available, check
 
-__all__ = ["Info", "available", "dataset_fn", "load"]
+__all__ = ["Info", "available", "check", "dataset_fn", "load"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Info:
   class_counts and num_examples describe the streamed samples (after ``fraction``); split_size is
   the size of the full split, the range of ``index`` (e.g. for CRD's memory bank).
   num_batches is the number of batches of one pass (of this input pipeline's shard, if sharded).
+  subset_fingerprint is ``subset.fingerprint`` of the streamed samples' indices (before sharding):
+  equal for equal (dataset, split, fraction, seed), whatever the batch size or the process.
   """
   name: str
   split: str
@@ -47,6 +49,7 @@ class Info:
   num_batches: int
   augment: bool
   splits: tuple
+  subset_fingerprint: str = ""
 
 
 def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data_dir=None,
@@ -87,6 +90,7 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
     indices = np.arange(len(data.labels), dtype=np.int64)
   counts = tuple(int(c) for c in np.bincount(data.labels[indices], minlength=num_classes))
   num_examples = len(indices)
+  digest = subset.fingerprint(indices)
 
   if input_context is not None:
     indices = indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
@@ -104,7 +108,7 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
               class_counts=counts, num_examples=num_examples, split_size=len(data.labels),
               image_shape=tuple(int(d) for d in data.images.shape[1:]), mean=tuple(mean),
               std=tuple(std), batch_size=batch_size, num_batches=num_batches, augment=augment,
-              splits=data.splits)
+              splits=data.splits, subset_fingerprint=digest)
   return ds, info
 
 

@@ -77,10 +77,29 @@ class Split:
     return tuple(mean), tuple(std)
 
 
-def read(name, split, data_dir=None, image_size=None):
-  """Decoded ``split`` of dataset ``name`` (cached per process)."""
+def _check_name(name):
   if not isinstance(name, str) or not name.strip():
     raise ValueError(f"dataset name {name!r} is not a non-empty string; accepted: {available()}")
+  return name.strip()
+
+
+def check(name, data_dir=None):
+  """Raises ValueError / FileNotFoundError if ``name`` cannot be a dataset, without reading an
+  image: a bad synthetic option, a folder without the ``<split>/<class>/<image>`` layout, a tfds
+  name that is not registered or not image classification. (Whether a tfds dataset is prepared or
+  downloadable, and whether the images decode, is found out by ``read``.)"""
+  name = _check_name(name)
+  if name.startswith(FOLDER_PREFIX):
+    _check_folder(os.path.abspath(os.path.expanduser(name[len(FOLDER_PREFIX):])))
+  elif name.lower().split(":")[0] == SYNTHETIC:
+    synthetic.parse_options(name.partition(":")[2])
+  elif name.lower() != EMBEDDED:
+    _tfds_builder(name, None if data_dir is None else os.fspath(data_dir))
+
+
+def read(name, split, data_dir=None, image_size=None):
+  """Decoded ``split`` of dataset ``name`` (cached per process)."""
+  _check_name(name)
   if not isinstance(split, str) or not split:
     raise ValueError(f"split {split!r} is not a non-empty string (e.g. 'train', 'test')")
   if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
@@ -161,7 +180,14 @@ def _read_folder(root, split, image_size):
     raise ValueError(f"folder:{root}: tfds found classes {builder.info.features['label'].names}, "
                      f"expected {class_names}")
   ds = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
-  images, labels = _collect(ds, image_size, f"folder:{root} {split}")
+  try:
+    images, labels = _collect(ds, image_size, f"folder:{root} {split}")
+  except UndecodableImage as error:
+    bad = _first_undecodable(os.path.join(root, split))
+    if bad is None:
+      raise
+    raise ValueError(f"folder:{root}: {os.path.join(split, bad)} is not a readable image "
+                     f"({error.reason}); remove it or replace it by a JPEG/PNG") from None
   counts = np.bincount(labels, minlength=len(class_names))
   if not counts.all():
     empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
@@ -201,8 +227,22 @@ def _check_folder(root):
   return splits, classes[first]
 
 
-@functools.lru_cache(maxsize=8)
-def _read_tfds(name, split, data_dir, image_size):
+def _first_undecodable(directory):
+  """Path (relative to ``directory``) of the first image file TF cannot decode, or None."""
+  for parent, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      if not name.lower().endswith(_IMAGE_EXTENSIONS):
+        continue
+      path = os.path.join(parent, name)
+      try:
+        tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+      except tf.errors.OpError:
+        return os.path.relpath(path, directory)
+  return None
+
+
+def _tfds_builder(name, data_dir):
+  """The tfds builder of an image-classification dataset ``name``; ValueError otherwise."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -214,6 +254,13 @@ def _read_tfds(name, split, data_dir, image_size):
       or not isinstance(features[keys[1]], tfds.features.ClassLabel)):
     raise ValueError(f"tfds dataset {name!r} is not an image-classification dataset (its "
                      f"supervised keys are {keys}); accepted: {', '.join(available())}")
+  return builder
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tfds(name, split, data_dir, image_size):
+  builder = _tfds_builder(name, data_dir)
+  keys, features = builder.info.supervised_keys, builder.info.features
   if not builder.is_prepared():
     _download_or_fail(builder, name, data_dir)
   splits = sorted(builder.info.splits.keys())
@@ -252,6 +299,15 @@ def _network_reachable():
     return False
 
 
+class UndecodableImage(ValueError):
+  """A file of a split is not an image TF can decode; ``reason`` is TF's own one-line account."""
+
+  def __init__(self, what, error):
+    first = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0]
+    self.reason = first.rsplit(": ", 1)[-1].strip() or type(error).__name__
+    super().__init__(f"{what}: an image cannot be decoded ({self.reason})")
+
+
 def _resize_shorter_and_centre_crop(image, size):
   """uint8 [H, W, C] -> uint8 [size, size, C]: shorter side to ``size``, centre crop."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -276,7 +332,7 @@ def _collect(ds, image_size, what):
       labels.append(y)
   except tf.errors.InvalidArgumentError as error:
     if "different shapes" not in str(error):
-      raise
+      raise UndecodableImage(what, error) from None
     raise ValueError(f"images of {what} differ in size; pass image_size=S to resize them "
                      "(shorter side to S, centre crop S x S)") from None
   if not images:

@@ -9,6 +9,7 @@ permutation, smaller fractions happen to be nested in larger ones with the same 
 relies on it.) tfds' split slicing (``train[:25%]``) is deterministic but not class-balanced, which
 is why it is not used here.
 """
+import hashlib
 import math
 
 import numpy as np
@@ -52,3 +53,10 @@ def balanced_subset(labels, class_names, fraction, seed):
     members = order[labels[order] == c]  # class c's positions, in permutation order
     kept.append(members[:per_class_count(fraction, n)])
   return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def fingerprint(indices):
+  """A short hex digest of a set of sample positions (order and repeats ignored): what a train dir
+  records to check that a resumed run streams the subset it started on."""
+  kept = np.unique(np.asarray(indices, np.int64)).astype("<i8")
+  return hashlib.sha256(kept.tobytes()).hexdigest()[:16]

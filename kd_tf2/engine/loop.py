@@ -16,6 +16,7 @@ before any checkpoint is written, so the last checkpoint always holds finite wei
 import functools
 import math
 import signal
+import sys
 import threading
 import time
 
@@ -25,8 +26,9 @@ import tensorflow as tf
 
 from kd_tf2 import optim
 from kd_tf2.distillers.base import StepContext
+from kd_tf2.engine.rundir import usable_checkpoint
 from kd_tf2.engine.summaries import Progress, say
-from kd_tf2.errors import TrainingDiverged, TrainingInterrupted
+from kd_tf2.errors import TrainingDiverged, TrainingInterrupted, UsageError
 
 MAIN = "main"
 
@@ -140,18 +142,21 @@ class Trainer:
     summaries: a ``Summaries`` (TensorBoard) or None; metrics_sink: ``fn(record)`` or None.
     verbose: progress bar and one line per epoch.
     extra_checkpointed: further variables to checkpoint (e.g. a peer trained with the student).
+    on_start: ``fn(epochs_done)`` called once the starting point is known (0 without a checkpoint),
+      e.g. to drop the metrics of epochs logged by a killed process but lost with its checkpoint,
+      which are trained again; or None.
   """
 
   def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
                global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
                loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
-               metrics_sink=None, verbose=True, extra_checkpointed=()):
+               metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None):
     self.strategy, self.student, self.distiller = strategy, student, distiller
     self.train_data, self.test_data = train_data, test_data
     self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
     self.replicas = strategy.num_replicas_in_sync
     self.jit_compile, self.verbose = bool(jit_compile), bool(verbose)
-    self.summaries, self.metrics_sink = summaries, metrics_sink
+    self.summaries, self.metrics_sink, self.on_start = summaries, metrics_sink, on_start
     distiller.epochs = int(epochs)
     sgd = dict(momentum=momentum, weight_decay=weight_decay, loss_scale=loss_scale)
     with strategy.scope():
@@ -258,11 +263,19 @@ class Trainer:
     raise IndexError(epoch)
 
   def restore(self):
-    """Restore the latest checkpoint if any; returns (epochs done, steps done in the next)."""
-    latest = tf.train.latest_checkpoint(self.restore_dir) if self.restore_dir else None
-    if latest is None:
+    """Restore the newest checkpoint that reads back whole, if any; returns (epochs done, steps
+    done in the next). Newer damaged checkpoints (a crash mid-write) are named and skipped; if
+    there are checkpoints but none is readable, ``UsageError``."""
+    prefix, damaged = usable_checkpoint(self.restore_dir)
+    for name, reason in damaged:
+      print(f"warning: checkpoint {name} in {self.restore_dir} is damaged ({reason}); falling "
+            "back to the previous one", file=sys.stderr, flush=True)
+    if prefix is None:
+      if damaged:
+        raise UsageError(f"no checkpoint in {self.restore_dir} can be read; move it away to "
+                         "restart from epoch 0")
       return 0, 0
-    self.checkpoint.restore(latest).assert_consumed()
+    self.checkpoint.restore(prefix).assert_consumed()
     done, steps = (int(v) for v in self.progress.numpy())
     return done, steps
 
@@ -315,6 +328,8 @@ class Trainer:
   def fit(self):
     """Run (or resume) every phase. Returns the results dict (last and best test accuracy...)."""
     done, skip = self.restore()
+    if self.on_start is not None:
+      self.on_start(done)
     if done or skip:
       where = f" (step {skip})" if skip else ""
       say(f"resuming from epoch {done}{where}", self.verbose)

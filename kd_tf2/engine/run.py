@@ -120,7 +120,9 @@ class _Job:
     self.chief = is_chief(self.strategy)
     self.run = RunDir(c.train_dir)
     self.settings = cfg.settings(c)
-    self.state = self.run.state(self.settings)
+    self.subset = {"images": self.info.num_examples,
+                   "fingerprint": self.info.subset_fingerprint}
+    self.state = self.run.state(self.settings, self.subset)
     self.source = cfg.teacher_source(c)
     self.teacher_cfg = cfg.teacher_config(c) if self.source == "train" else None
     self.hparams = dict(ce_weight=c.ce_weight, kd_weight=c.kd_weight,
@@ -136,10 +138,13 @@ class _Job:
     c = self.config
     if self.source == "checkpoint":
       with self.strategy.scope():
-        return models.load_teacher(c.teacher_ckpt, c.teacher_arch, self.info.num_classes,
-                                   self.input_shape)
+        teacher = models.load_teacher(c.teacher_ckpt, c.teacher_arch, self.info.num_classes,
+                                      self.input_shape)
+      check_input_shape(teacher, self.input_shape, f"--teacher_ckpt={c.teacher_ckpt}",
+                        c.dataset)
+      return teacher
     if self.source == "train":
-      RunDir(self.teacher_cfg.train_dir).state(cfg.settings(self.teacher_cfg))
+      RunDir(self.teacher_cfg.train_dir).state(cfg.settings(self.teacher_cfg), self.subset)
       with self.strategy.scope():
         stand_in = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape)
       stand_in.trainable = False
@@ -204,7 +209,7 @@ class _Job:
         weight_decay=c.weight_decay, jit_compile=c.jit_compile, loss_scale=loss_scale,
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
-        verbose=c.verbose,
+        on_start=self.run.trim_metrics if self.chief else None, verbose=c.verbose,
         extra_checkpointed=teacher.weights if self.source == "fresh" else ())
 
   def export(self, student, teacher, distiller):
@@ -243,7 +248,7 @@ def train(config, flags=None):
     student, teacher, distiller = job.build(job.given_teacher())
     # Every input is valid: from here on the train dir is written.
     if job.chief:
-      job.run.create(flags, job.settings)
+      job.run.create(flags, job.settings, job.subset)
     if job.source == "train":
       student, teacher, distiller = job.build(job.train_teacher())
     results = job.announce(teacher, distiller)
@@ -279,4 +284,17 @@ def evaluate(model, dataset, split="test", *, data_dir=None, batch_size=256):
   if classes is not None and classes != info.num_classes:
     raise UsageError(f"the model has {classes} classes, --dataset={dataset} has "
                      f"{info.num_classes}")
+  check_input_shape(model, info.image_shape, "the model", dataset)
   return Evaluator(model)(ds)
+
+
+def check_input_shape(model, image_shape, what, dataset):
+  """``UsageError`` unless ``model`` (built for [H, W, C] images) takes the dataset's images:
+  the same channel count (the zoo nets pool globally, so H and W may differ)."""
+  built = (model.get_build_config() or {}).get("input_shape") if model.built else None
+  if built is None or len(built) != 4 or built[-1] is None:
+    return
+  if int(built[-1]) != int(image_shape[-1]):
+    size = "x".join(str(d) for d in built[1:])
+    raise UsageError(f"{what} takes {size} images ({built[-1]} channels), the images of "
+                     f"--dataset={dataset} have {image_shape[-1]} channels")
