@@ -1,5 +1,6 @@
 """The common base of every zoo net: logits or the full ``Outputs`` contract (DESIGN.md contract 1)."""
 import keras
+import numpy as np
 from keras import ops
 
 from nets.outputs import Outputs
@@ -20,7 +21,8 @@ class ZooNet(keras.Model):
   def __init__(self, num_classes=100, synchronized_bn=False, arch=None, **kwargs):
     kwargs.setdefault("name", arch)
     super().__init__(**kwargs)
-    if int(num_classes) < 1:
+    integer = isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
+    if not integer or num_classes < 1:
       raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     self.num_classes = int(num_classes)
     self.synchronized_bn = bool(synchronized_bn)

@@ -172,6 +172,8 @@ def test_bench_more_bad_inputs(files, capsys):
       (["table", "--methods=AT", f"--dataset=folder:{w}/empty_folder", f"--runs_dir={runs}"],
        r"empty_folder has no split folders"),
       (["table", "--methods=AT", "--seeds=-1", f"--runs_dir={runs}"], r"'-1' is not an integer"),
+      (["table", "--methods=AT", "--fraction=0.5", f"--runs_dir={runs}"],
+       r"unrecognized arguments: --fraction=0.5"),  # no abbreviation of --fractions
   ]
   import re  # pylint: disable=import-outside-toplevel
   for argv, pattern in table:
@@ -190,6 +192,7 @@ def test_library_bad_inputs(files, tmp_path):
   table = [
       (lambda: nets.create(42, 10), r"unknown net 42; known nets:"),
       (lambda: nets.create("resnet8", 0), r"num_classes must be a positive integer, got 0"),
+      (lambda: nets.create("resnet8", "10"), r"num_classes must be a positive integer, got '10'"),
       (lambda: kd_data.load("synthetic", "validation"), r"split 'validation' not in synthetic"),
       (lambda: kd_data.load(42, "train"), r"dataset name 42 is not a non-empty string"),
       (lambda: kd_data.load("synthetic", "train", batch_size="64"), r"batch_size='64' is not"),

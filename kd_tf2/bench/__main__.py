@@ -20,7 +20,11 @@ def fail(message, code=USAGE_EXIT):
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse with one-line errors."""
+  """argparse with one-line errors and no abbreviations (``--fraction`` is not ``--fractions``)."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("allow_abbrev", False)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     fail(f"{message} (see {self.prog} --help)")
