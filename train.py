@@ -54,6 +54,8 @@ flags.DEFINE_string("train_dir", "", "Where checkpoints, TensorBoard events and 
 flags.DEFINE_string("strategy", "auto", "auto | one_device | mirrored | multi_worker | tpu.")
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test "
                      "distribution without GPUs).")
+flags.DEFINE_float("cluster_timeout", 300.0, "--strategy=multi_worker: seconds to wait for the "
+                   "other tasks of TF_CONFIG to accept connections before giving up.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the per-replica step with XLA (slower than "
                      "oneDNN on CPU).")
 flags.DEFINE_boolean("mixed_precision", False, "mixed_float16 on GPU (loss scaling), "
@@ -62,14 +64,15 @@ flags.DEFINE_boolean("mixed_precision", False, "mixed_float16 on GPU (loss scali
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "dataset", "data_dir", "fraction",
            "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
-           "cpu_replicas", "jit_compile", "mixed_precision")
+           "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision")
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
   values = {name: FLAGS[name].value for name in _FIELDS}
-  cli.run_guarded(cli.start_tensorflow, values["cpu_replicas"])
+  cli.run_guarded(cli.start_tensorflow, values["cpu_replicas"], values["strategy"],
+                  values["cluster_timeout"])
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
   try:
     results = cli.run_guarded(engine.train, engine.TrainConfig(**values), flags=values)

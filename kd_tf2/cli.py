@@ -33,9 +33,13 @@ def flags_parser(flag_values):
   return parse
 
 
-def start_tensorflow(cpu_replicas=None):
+def start_tensorflow(cpu_replicas=None, strategy=None, cluster_timeout=None):
   """Import TensorFlow quietly and initialise its devices (after splitting the CPU into
-  ``cpu_replicas`` logical devices if asked). Python logging is set to warnings and above."""
+  ``cpu_replicas`` logical devices if asked). Python logging is set to warnings and above.
+
+  ``strategy="multi_worker"`` first builds the process's ``MultiWorkerMirroredStrategy`` (TF builds
+  it only before its devices exist), waiting up to ``cluster_timeout`` seconds for the other tasks.
+  """
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
   quiet = not os.environ.get("KD_TF2_VERBOSE")
@@ -48,6 +52,10 @@ def start_tensorflow(cpu_replicas=None):
     if cpu_replicas is not None:
       from kd_tf2.engine.strategy import configure_cpu_replicas  # pylint: disable=import-outside-toplevel
       configure_cpu_replicas(cpu_replicas)
+    if strategy == "multi_worker":
+      from kd_tf2.engine.strategy import DEFAULT_CLUSTER_TIMEOUT, make_strategy  # pylint: disable=import-outside-toplevel
+      make_strategy(strategy, cluster_timeout=DEFAULT_CLUSTER_TIMEOUT if cluster_timeout is None
+                    else cluster_timeout)
     tf.config.list_logical_devices()
   finally:
     if quiet:

@@ -68,8 +68,9 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
     data_dir: where tfds looks for prepared datasets (tfds' default when None).
     image_size: resize every image to image_size x image_size (shorter side, centre crop);
       required for datasets whose images differ in size. None keeps the native size.
-    input_context: a ``tf.distribute.InputContext``: batch with the per-replica batch size and
-      keep this input pipeline's shard of the samples.
+    input_context: a ``tf.distribute.InputContext``: stream this input pipeline's rows of every
+      global batch, as batches of the per-replica size. Every pipeline shuffles and draws the
+      augmentation alike, so the global batches are those of the unsharded pipeline (same seed).
   """
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
@@ -92,18 +93,20 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
   num_examples = len(indices)
   digest = subset.fingerprint(indices)
 
+  rows = None
   if input_context is not None:
-    indices = indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
-    batch_size = input_context.get_per_replica_batch_size(batch_size)
+    share = batch_size // input_context.num_input_pipelines
+    first = input_context.input_pipeline_id * share
+    rows = (first, first + share, input_context.get_per_replica_batch_size(batch_size))
   if drop_remainder and len(indices) < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the {len(indices)} samples of {name!r} "
                      f"{split} (fraction={fraction}), so dropping the remainder leaves no batch")
-  num_batches = (len(indices) // batch_size if drop_remainder
-                 else -(-len(indices) // batch_size))
+  num_batches = _count_batches(len(indices), batch_size, drop_remainder, rows)
 
   ds = pipeline.build(data.tensor, data.labels, indices, batch_size=batch_size, mean=mean,
                       std=std, seed=seed, shuffle=shuffle, augment=augment,
-                      drop_remainder=drop_remainder)
+                      drop_remainder=drop_remainder, rows=rows)
+  batch_size = batch_size if rows is None else rows[2]
   info = Info(name=name, split=split, num_classes=num_classes, class_names=data.class_names,
               class_counts=counts, num_examples=num_examples, split_size=len(data.labels),
               image_shape=tuple(int(d) for d in data.images.shape[1:]), mean=tuple(mean),
@@ -112,12 +115,31 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
   return ds, info
 
 
+def _count_batches(n, batch_size, drop_remainder, rows=None):
+  """Batches in one pass over ``n`` samples (only ``rows`` of each batch, if given)."""
+  sizes = [batch_size] * (n // batch_size)
+  if n % batch_size and not drop_remainder:
+    sizes.append(n % batch_size)
+  if rows is None:
+    return len(sizes)
+  start, stop, size = rows
+  kept = [max(0, min(b, stop) - start) for b in sizes]
+  return sum(k // size if drop_remainder else -(-k // size) for k in kept)
+
+
 def dataset_fn(name, split, **kwargs):
   """``input_context -> tf.data.Dataset`` for ``strategy.distribute_datasets_from_function``.
 
-  kwargs are ``load``'s, with ``batch_size`` the global batch size.
+  kwargs are ``load``'s, with ``batch_size`` the global batch size. Later calls for the same input
+  pipeline return the same dataset, so that iterating it again is the next epoch (reshuffled,
+  re-augmented) as with ``load``; a dataset built anew would repeat the first epoch's order.
   """
+  built = {}
+
   def make(input_context):
-    return load(name, split, input_context=input_context, **kwargs)[0]
+    key = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+    if key not in built:
+      built[key] = load(name, split, input_context=input_context, **kwargs)[0]
+    return built[key]
   return make
 

@@ -43,12 +43,16 @@ def _sub_seeds(seed):
 
 
 def build(images, labels, indices, *, batch_size, mean, std, seed, shuffle, augment,
-          drop_remainder):
+          drop_remainder, rows=None):
   """A one-pass ``tf.data.Dataset`` of ``{"image", "label", "index"}`` batches.
 
   images: uint8 tensor [N, H, W, C] (the whole split); labels: int64 [N]; indices: int64 [M],
   the positions to stream. Batches: image float32 [B, H, W, C] ((x / 255 - mean) / std), label
   int64 [B], index int64 [B].
+
+  rows: ``(start, stop, size)`` keeps rows [start, stop) of every ``batch_size`` batch (after the
+  shuffle and the augmentation draws, which every shard makes alike) and streams them as batches
+  of ``size``: one input pipeline's share of each global batch, split into its replicas' batches.
   """
   labels = tf.constant(labels, tf.int64)
   channels = images.shape[-1]
@@ -63,6 +67,10 @@ def build(images, labels, indices, *, batch_size, mean, std, seed, shuffle, augm
     randoms = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip(ds, randoms)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if rows is not None:
+    start, stop, size = rows
+    ds = ds.map(lambda *parts: tuple(p[start:stop] for p in parts))
+    ds = ds.unbatch().batch(size, drop_remainder=drop_remainder)
 
   def make_batch(index, randoms=None):
     pixels = tf.gather(images, index)

@@ -12,12 +12,14 @@ import re
 import nets
 from kd_tf2 import distillers
 from kd_tf2 import optim
-from kd_tf2.engine.strategy import STRATEGIES
+from kd_tf2.engine.strategy import (DEFAULT_CLUSTER_TIMEOUT, STRATEGIES, check_cluster_timeout,
+                                   check_multi_worker_replicas)
 from kd_tf2.errors import UsageError
 
 # Flags that change the experiment; the others (where data lives, how it is executed) may change
 # between a run and its resumption.
-_OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose")
+_OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
+                "cluster_timeout")
 
 
 @dataclasses.dataclass
@@ -45,6 +47,7 @@ class TrainConfig:
   train_dir: str = ""
   strategy: str = "auto"
   cpu_replicas: int = 1
+  cluster_timeout: float = DEFAULT_CLUSTER_TIMEOUT
   jit_compile: bool = False
   mixed_precision: bool = False
   verbose: bool = True
@@ -100,6 +103,9 @@ def validate(config):
     _number("temperature", c.temperature, 0.0, inclusive=False)
   if c.strategy not in STRATEGIES:
     raise UsageError(f"--strategy={c.strategy!r}: accepted: {', '.join(STRATEGIES)}")
+  check_cluster_timeout(c.cluster_timeout)
+  if c.strategy == "multi_worker":
+    check_multi_worker_replicas(c.cpu_replicas)
   cls = distillers.get(method)
   if c.init_epochs is not None and cls.init_epochs is None:
     with_stages = [m for m in distillers.available() if distillers.get(m).init_epochs is not None]

@@ -110,7 +110,7 @@ class _Job:
   def __init__(self, config):
     self.config = c = cfg.validate(config)
     configure_cpu_replicas(c.cpu_replicas)
-    self.strategy = make_strategy(c.strategy)
+    self.strategy = make_strategy(c.strategy, cluster_timeout=c.cluster_timeout)
     self.replicas = self.strategy.num_replicas_in_sync
     check_execution(c, self.replicas)
     self.train_ds, self.info = _load_data(c, "train", c.batch_size, fraction=c.fraction,
