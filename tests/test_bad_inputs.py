@@ -106,6 +106,8 @@ def test_train_py_more_bad_inputs(files):
        r"KD_SVD needs equal channel counts per stage"),
       (["--method=DML", f"--teacher_ckpt={files['ten']}"],
        r"method DML trains its resnet8 peer from scratch"),
+      (["--method=none", f"--teacher_ckpt={files['ten']}"],
+       r"ten.keras: method none reads no teacher \(it would be ignored\)"),
       ([f"--dataset=folder:{w}/empty_folder"], r"empty_folder has no split folders"),
       ([f"--dataset=folder:{w}/non_images"],
        r"non_images: train/a/x.jpg is not a readable image \(Unknown image file format"),

@@ -145,7 +145,7 @@ def test_two_workers_match_one_device_on_the_same_global_batch(runs):
 
 
 def test_only_the_chief_writes_the_train_dir(runs):
-  work, _ = runs
+  work, results = runs
   pair = os.path.join(work, "pair")
   assert len(glob.glob(os.path.join(pair, "events.out.tfevents.*"))) == 1
   assert len(metrics(pair)) == 2  # one line per epoch, not one per worker
@@ -154,9 +154,12 @@ def test_only_the_chief_writes_the_train_dir(runs):
   assert sorted(os.listdir(os.path.join(pair, "checkpoints"))) == [
       "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index", "ckpt-2.data-00000-of-00001",
       "ckpt-2.index"]
-  # The non-chief saves its (required, collective) checkpoints in a scratch dir under its TMPDIR.
-  assert glob.glob(os.path.join(work, "tmp1", "kd_tf2_worker_*", "ckpt-2.index"))
-  assert not glob.glob(os.path.join(work, "tmp0", "kd_tf2_worker_*"))
+  # The non-chief saved its (required, collective) checkpoints in a scratch dir under its TMPDIR,
+  # deleted when training ended; the chief never made one.
+  scratch = os.path.join(work, "tmp1", "kd_tf2_worker_")
+  assert "not the chief: this worker's checkpoints go to " + scratch in results["worker1"][1]
+  assert "not the chief" not in results["worker0"][1]
+  assert not glob.glob(os.path.join(work, "tmp*", "kd_tf2_worker_*"))
 
 
 def test_a_missing_peer_fails_in_one_line_after_cluster_timeout(tmp_path):

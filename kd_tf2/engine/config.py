@@ -111,6 +111,9 @@ def validate(config):
     with_stages = [m for m in distillers.available() if distillers.get(m).init_epochs is not None]
     raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
                      f"(methods with one: {', '.join(with_stages)})")
+  if c.teacher_ckpt and not needs_teacher(c.replace(method=method)):
+    raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} reads no teacher (it "
+                     "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch} peer from scratch together with the student; drop the flag")

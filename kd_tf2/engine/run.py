@@ -11,6 +11,7 @@ and leaves the train dir untouched), then:
 """
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import keras
@@ -113,11 +114,15 @@ class _Job:
     self.strategy = make_strategy(c.strategy, cluster_timeout=c.cluster_timeout)
     self.replicas = self.strategy.num_replicas_in_sync
     check_execution(c, self.replicas)
+    # Seeded before the pipeline is built, so its shuffle follows --seed (as the multi-worker
+    # pipeline, built later, does): one worker and several see the same batches.
+    keras.utils.set_random_seed(c.seed)
     self.train_ds, self.info = _load_data(c, "train", c.batch_size, fraction=c.fraction,
                                           seed=c.seed)
     self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
     self.input_shape = self.info.image_shape
     self.chief = is_chief(self.strategy)
+    self.scratch = None
     self.run = RunDir(c.train_dir)
     self.settings = cfg.settings(c)
     self.subset = {"images": self.info.num_examples,
@@ -201,7 +206,10 @@ class _Job:
                                       fraction=c.fraction, seed=c.seed,
                                       data_dir=c.data_dir or None)
       steps = self.info.num_examples // c.batch_size
-    scratch = None if self.chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
+    # A non-chief worker checkpoints into a scratch dir of its own (deleted after training).
+    scratch = self.scratch = None if self.chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
+    if scratch:
+      self.say(f"not the chief: this worker's checkpoints go to {scratch}")
     return Trainer(
         strategy=self.strategy, student=student, distiller=distiller, train_data=train_data,
         test_data=self.test_ds, steps_per_epoch=steps, global_batch=c.batch_size,
@@ -260,6 +268,8 @@ def train(config, flags=None):
       results.update(trainer.fit())
     finally:
       summaries.close()
+      if job.scratch:
+        shutil.rmtree(job.scratch, ignore_errors=True)
     results.update(job.export(student, teacher, distiller))
     if job.chief:
       job.run.write_results(results)
