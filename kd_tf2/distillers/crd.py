@@ -32,7 +32,7 @@ Library choices: K is capped at (training samples - 1) for small datasets (negat
 replacement, the cap only bounds the work); scores are computed as one [B, n_data] product with the
 bank followed by a gather of the K+1 columns, the same numbers as RepDistiller's gathered rows with
 O(B * n_data) memory instead of O(B * K * 128). The scores and the loss are XLA-compiled
-(``jit_compile=True``, even when the step is not): fused, the [B, K+1] gather, exp and logs and
+(``jit_compile=True``) when the step is not compiled as a whole: fused, the [B, K+1] gather, exp and logs and
 their gradients cost a few passes over memory instead of one per op (about a quarter of CRD's
 extra time per step on CPU). ``losses`` is empty: the term needs the sample indices, so it lives
 in ``train_step``.
@@ -87,18 +87,21 @@ class NegativeSampler:
     return tf.gather(tf.constant(self._order), pos)
 
 
-@tf.function(jit_compile=True)
 def _exp_scores(v, bank, idx, temperature):
   """exp(bank[idx[b, j]] . v[b] / T): v [B, D], bank [N, D] (a constant), idx [B, K+1] -> [B, K+1]."""
   dots = tf.matmul(v, bank, transpose_b=True)
   return tf.exp(tf.gather(dots, idx, axis=1, batch_dims=1) / temperature)
 
 
-@tf.function(jit_compile=True)
 def _contrast_pair(out_s, out_t, z, n_data):
   """crd_contrast_loss of both anchors' scores [B, K+1], each divided by its normaliser z[i]."""
   return (kd_losses.crd_contrast_loss(out_s / z[0], n_data)
           + kd_losses.crd_contrast_loss(out_t / z[1], n_data))
+
+
+# The same, each an XLA cluster of its own, for steps that are not compiled as a whole (nesting
+# them in an XLA-compiled step makes TF 2.21 compile for minutes).
+_FUSED = {f: tf.function(f, jit_compile=True) for f in (_exp_scores, _contrast_pair)}
 
 
 def _int_at_least(key, value, low):
@@ -121,6 +124,7 @@ class CRD(Distiller):
   def __init__(self, student, teacher, *, train_labels=None, n_data=None, feat_dim=128,
                nce_k=16384, nce_t=0.07, nce_m=0.5, **kwargs):
     super().__init__(student, teacher, **kwargs)
+    self._whole_step_compiled = False  # set by train_step from its StepContext
     if train_labels is None:
       raise UsageError("method CRD needs train_labels: the label of every index of the training "
                        "split (-1 outside the training subset); the engine passes them")
@@ -180,7 +184,8 @@ class CRD(Distiller):
 
   def _scores(self, v, bank, idx):
     """exp(bank[idx[b, j]] . v[b] / T): [B, K+1]; the bank is a constant."""
-    return _exp_scores(v, tf.stop_gradient(tf.convert_to_tensor(bank.value)), idx, self.nce_t)
+    scores = _exp_scores if self._whole_step_compiled else _FUSED[_exp_scores]
+    return scores(v, tf.stop_gradient(tf.convert_to_tensor(bank.value)), idx, self.nce_t)
 
   def _normalisers(self, out_s, out_t):
     """Z = mean(out) * n_data of the first batch (global mean over replicas), then fixed."""
@@ -198,7 +203,8 @@ class CRD(Distiller):
     out_s = self._scores(v_s, self.bank_t, idx)  # student anchor, teacher bank
     out_t = self._scores(v_t, self.bank_s, idx)  # teacher anchor, student bank
     z = self._normalisers(out_s, out_t)
-    return self.method_weight * _contrast_pair(out_s, out_t, z, float(self.sampler.n_active))
+    pair = _contrast_pair if self._whole_step_compiled else _FUSED[_contrast_pair]
+    return self.method_weight * pair(out_s, out_t, z, float(self.sampler.n_active))
 
   def update_banks(self, index, v_s, v_t):
     """Momentum update of the batch's rows (global batch under several replicas)."""
@@ -215,6 +221,7 @@ class CRD(Distiller):
   # ---------------------------------------------------------------------------- the step
   def train_step(self, batch, ctx):
     images, labels, index = batch["image"], batch["label"], batch["index"]
+    self._whole_step_compiled = ctx.defer  # the engine's --jit_compile path
     t = self.teacher_outputs(images)
     idx = self.sample_indices(index, labels)
     with tf.GradientTape() as tape:
