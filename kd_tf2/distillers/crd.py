@@ -32,10 +32,10 @@ Library choices: K is capped at (training samples - 1) for small datasets (negat
 replacement, the cap only bounds the work); scores are computed as one [B, n_data] product with the
 bank followed by a gather of the K+1 columns, the same numbers as RepDistiller's gathered rows with
 O(B * n_data) memory instead of O(B * K * 128). The scores and the loss are XLA-compiled
-(``jit_compile=True``) when the step is not compiled as a whole: fused, the [B, K+1] gather, exp and logs and
-their gradients cost a few passes over memory instead of one per op (about a quarter of CRD's
-extra time per step on CPU). ``losses`` is empty: the term needs the sample indices, so it lives
-in ``train_step``.
+(``jit_compile=True``) when the step is not compiled as a whole: fused, the [B, K+1] gather, exp
+and logs and their gradients cost a few passes over memory instead of one per op (about a quarter
+of CRD's extra time per step on CPU). ``losses`` is empty: the term needs the sample indices, so
+it lives in ``train_step``.
 
 Per replica / tf.distribute: the loss is computed on the replica's batch (negatives drawn per
 replica). The banks, Z and the flag are mirrored variables with per-replica updates
@@ -88,7 +88,7 @@ class NegativeSampler:
 
 
 def _exp_scores(v, bank, idx, temperature):
-  """exp(bank[idx[b, j]] . v[b] / T): v [B, D], bank [N, D] (a constant), idx [B, K+1] -> [B, K+1]."""
+  """exp(bank[idx[b, j]] . v[b] / T): v [B, D], bank [N, D] (constant), idx [B, K+1] -> [B, K+1]."""
   dots = tf.matmul(v, bank, transpose_b=True)
   return tf.exp(tf.gather(dots, idx, axis=1, batch_dims=1) / temperature)
 
