@@ -15,7 +15,7 @@ import nets
 from kd_tf2 import cli, data as kd_data, distillers
 from kd_tf2.bench import __main__ as bench_main
 from kd_tf2.engine import TrainConfig, config as cfg
-from test_cli import COMMON, DATA, _assert_one_line_error, _drive
+from test_cli import COMMON, DATA, _assert_table_refused
 
 SHAPE = (None, 32, 32, 3)
 
@@ -131,9 +131,7 @@ def test_train_py_more_bad_inputs(files):
   ]
   before = {name: _snapshot(path) for name, path in dirs.items()}
   default = ["--method=none", f"--train_dir={fresh}"]
-  results = _drive("train.py", [COMMON + default + args for args, _ in table])
-  for (_, pattern), result in zip(table, results):
-    _assert_one_line_error(result, pattern, "train.py")
+  _assert_table_refused("train.py", table, prefix=COMMON + default)
   assert not os.path.exists(fresh)
   assert {name: _snapshot(path) for name, path in dirs.items()} == before
 
@@ -152,9 +150,7 @@ def test_test_py_more_bad_inputs(files):
       ([f"--model={ten}", "--dataset=nope_ds", f"--data_dir={w}/empty_folder"],
        r"unknown dataset 'nope_ds'"),
   ]
-  results = _drive("test.py", [args for args, _ in table])
-  for (_, pattern), result in zip(table, results):
-    _assert_one_line_error(result, pattern, "test.py")
+  _assert_table_refused("test.py", table)
 
 
 def test_bench_more_bad_inputs(files, capsys):

@@ -228,6 +228,14 @@ def _drive(script, cases):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _assert_table_refused(script, table, prefix=()):
+  """Run every (argv, pattern) case of ``table`` (after ``prefix``) through ``script`` in one
+  process; each must end in one error line matching its pattern."""
+  results = _drive(script, [list(prefix) + args for args, _ in table])
+  for (_, pattern), result in zip(table, results):
+    _assert_one_line_error(result, pattern, script)
+
+
 def _assert_one_line_error(result, pattern, script):
   import re  # pylint: disable=import-outside-toplevel
   lines = result["stderr"].strip().splitlines()
@@ -271,9 +279,7 @@ def test_train_py_bad_inputs(work, teacher, method_runs):
        r"was made with different flags \(--epochs=1 there vs 3 now\)"),
       (["stray_argument"], r"unexpected arguments \['stray_argument'\]"),
   ]
-  results = _drive("train.py", [base + args for args, _ in table])
-  for (args, pattern), result in zip(table, results):
-    _assert_one_line_error(result, pattern, "train.py")
+  _assert_table_refused("train.py", table, prefix=base)
   assert not os.path.exists(fresh)  # nothing was written by any refused command
 
 
@@ -305,6 +311,4 @@ def test_test_py_bad_inputs(method_runs, work):
       ([f"--model={at_dir}", "--split=nope"], r"nope"),
       ([f"--model={work}"], r"holds no exported model"),
   ]
-  results = _drive("test.py", [args for args, _ in table])
-  for (args, pattern), result in zip(table, results):
-    _assert_one_line_error(result, pattern, "test.py")
+  _assert_table_refused("test.py", table)
