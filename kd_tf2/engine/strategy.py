@@ -30,6 +30,12 @@ COLLECTIVE_JOBS = ("chief", "worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                       '"task": {"type": "worker", "index": 0}}')
 _multi_worker = None  # this process's MultiWorkerMirroredStrategy, once built
+# This process's Mirrored strategies by device list. One per device list, reused by every run of the
+# process (a teacher then its student; a bench sweep): two MirroredStrategy objects number their
+# collective all-reduces from the same start, so the second one's synchronized BatchNorm reuses the
+# first one's collective instance keys with other shapes and TF aborts the step ("Shape mismatch in
+# the collective instance").
+_mirrored = {}
 
 
 def configure_cpu_replicas(n):
@@ -257,8 +263,10 @@ def make_strategy(name="auto", cluster_timeout=DEFAULT_CLUSTER_TIMEOUT):
   if name == "one_device":
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else cpus[0].name)
   if name == "mirrored" or len(gpus) > 1 or (not gpus and len(cpus) > 1):
-    devices = [d.name for d in gpus] if gpus else [d.name for d in cpus]
-    return tf.distribute.MirroredStrategy(devices)
+    devices = tuple(d.name for d in gpus) if gpus else tuple(d.name for d in cpus)
+    if devices not in _mirrored:
+      _mirrored[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _mirrored[devices]
   return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else cpus[0].name)
 
 
