@@ -22,9 +22,9 @@ import keras
 from keras import ops
 
 from nets import layers as L
-from nets.base import Block, StagedNet, make_stages, prefixed, relu
+from nets.base import Block, StagedNet, prefixed, relu
 from nets.registry import register
-from nets.resnetv2 import resnet_block
+from nets.resnetv2 import ResNetV2
 
 
 def max_pool3x3_s2_pad1(x):
@@ -35,28 +35,16 @@ def max_pool3x3_s2_pad1(x):
 
 
 @keras.saving.register_keras_serializable(package="nets")
-class ImageNetResNet(StagedNet):
-  """torchvision's ResNet with ``block`` ('basic' | 'bottleneck') and four stages of
-  ``num_blocks`` blocks (planes 64/128/256/512, strides 1/2/2/2). Input [B, H, W, 3], any H, W.
-  Init as torchvision: conv He-normal fan_out, BN 1/0, fc PyTorch default (no zero-init residual)."""
+class ImageNetResNet(ResNetV2):
+  """torchvision's ResNet: ``ResNetV2`` (blocks 'basic' | 'bottleneck', four stages of
+  ``num_blocks``, planes 64/128/256/512, strides 1/2/2/2) with the ImageNet stem, projections named
+  ``downsample`` and the classifier ``fc``. Input [B, H, W, 3], any H, W. Init as torchvision: conv
+  He-normal fan_out, BN 1/0, fc PyTorch default (no zero-init residual)."""
 
-  def __init__(self, block, num_blocks, num_classes=1000, **kwargs):
-    super().__init__(num_classes=num_classes, **kwargs)
-    if block not in ("basic", "bottleneck"):
-      raise ValueError(f"unknown block {block!r}; expected 'basic' or 'bottleneck'")
-    if len(num_blocks) != 4 or min(num_blocks) < 1:
-      raise ValueError(f"num_blocks must be four positive counts, got {num_blocks!r}")
-    self.block, self.num_blocks = block, tuple(int(n) for n in num_blocks)
-    self.conv1 = L.Conv2D(64, 7, strides=2, pad=3, name="conv1",
-                          kernel_initializer=L.he_normal_fan_out())
-    self.bn1 = L.batch_norm("bn1", self.synchronized_bn)
-    specs = list(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks))
-    self.stages, out_ch = make_stages(64, specs, resnet_block(block, "downsample",
-                                                              self.synchronized_bn))
-    self.classifier = L.dense(self.num_classes, out_ch, "torch", name="fc")
+  projection_name, classifier_name = "downsample", "fc"
 
-  def arch_config(self):
-    return {"block": self.block, "num_blocks": list(self.num_blocks)}
+  def stem_conv(self):
+    return L.Conv2D(64, 7, strides=2, pad=3, name="conv1", kernel_initializer=L.he_normal_fan_out())
 
   def build(self, input_shape=(None, 224, 224, 3)):
     super().build(input_shape)
