@@ -10,8 +10,6 @@ Equivalence with PyTorch is checked two ways:
 """
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -521,6 +519,7 @@ def test_training_updates_bn_statistics_with_pytorch_momentum():
 
 
 # --- BatchNorm training mode = PyTorch's BatchNorm2d (issue 13) --------------------------------------
+# (tests/replicas/test_nets_sync_bn.py: the synchronized BN under 2 replicas equals this one.)
 
 def _bn_case(seed=6):
   """Three training batches [4, 5, 5, 6] (n = 100 values per channel) and non-trivial weights."""
@@ -579,45 +578,6 @@ def test_bn_training_replays_pytorch_update(synchronized):
   np.testing.assert_allclose(bn(xs[0], training=False),  # inference: the moving statistics
                              (xs[0] - got[-1][1]) / np.sqrt(got[-1][2] + 1e-5) * weights[0]
                              + weights[1], rtol=1e-5, atol=1e-5)
-
-
-def _sync_bn_child(out_path):
-  """Run in a fresh process (devices are fixed before TF starts): 3 steps of a synchronized BN
-  under MirroredStrategy on 2 logical CPUs, each replica holding half of every batch."""
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  xs, weights = _bn_case()
-  with strategy.scope():
-    bn = nets.layers.batch_norm("bn", synchronized=True)
-    bn.build((None, 5, 5, 6))
-    bn.set_weights(weights)
-
-  @tf.function
-  def step(x):
-    return strategy.run(lambda t: bn(t, training=True), args=(x,))
-
-  result = {"replicas": strategy.num_replicas_in_sync}
-  for i, x in enumerate(xs):
-    halves = strategy.experimental_distribute_values_from_function(
-        lambda ctx, x=x: x[2 * ctx.replica_id_in_sync_group:2 * ctx.replica_id_in_sync_group + 2])
-    y = strategy.experimental_local_results(step(halves))
-    result[f"y{i}"] = np.concatenate([np.asarray(t) for t in y])
-    result[f"mean{i}"], result[f"var{i}"] = bn.moving_mean.numpy(), bn.moving_variance.numpy()
-  np.savez(out_path, **result)
-
-
-def test_synchronized_bn_under_two_replicas_replays_pytorch_update(tmp_path):
-  out = tmp_path / "sync_bn.npz"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "sync_bn", str(out)], env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  res = np.load(out)
-  assert int(res["replicas"]) == 2
-  xs, weights = _bn_case()  # the replay sees the global batch: n = 4·5·5 = 100 per channel
-  _check_bn_steps([(res[f"y{i}"], res[f"mean{i}"], res[f"var{i}"]) for i in range(3)], xs, weights)
 
 
 def test_frozen_model_runs_bn_in_inference_mode():
@@ -682,7 +642,3 @@ def test_convert_cli_infers_classes_and_round_trips(tmp_path, resnet8_state, cap
   assert convert_main([str(tmp_path / "nope.npz"), out, "--arch", "resnet8"]) == 2
   assert convert_main([src, out, "--arch", "resnet9"]) == 2
   assert "unknown net 'resnet9'" in capsys.readouterr().err
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["sync_bn"]:
-  _sync_bn_child(sys.argv[2])
