@@ -12,16 +12,23 @@ its devices (so ``train.py`` builds it first thing; later calls return that one 
 constructor waits forever - deaf to SIGTERM - for a task that never starts. So ``TF_CONFIG`` is
 checked first (``read_tf_config``) and every other task's address must accept a TCP connection
 within ``cluster_timeout`` seconds (``wait_for_peers``), else ``UsageError`` names the missing ones.
+A task that passed that probe but dies before it registers would still leave the constructor
+waiting: a watchdog (``_RegistrationWatchdog``) ends the process after another ``cluster_timeout``
+seconds with one line naming the tasks that no longer answer. When a task dies mid-training, TF
+aborts the survivors' collectives (``UnavailableError``) within seconds; ``lost_worker`` turns that
+into a ``WorkerLost`` naming the task, found by probing every peer's address again.
 """
 import dataclasses
 import json
 import os
 import socket
+import sys
+import threading
 import time
 
 import tensorflow as tf
 
-from kd_tf2.errors import UsageError
+from kd_tf2.errors import UsageError, WorkerLost
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 DEFAULT_CLUSTER_TIMEOUT = 300.0
@@ -30,6 +37,7 @@ COLLECTIVE_JOBS = ("chief", "worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                       '"task": {"type": "worker", "index": 0}}')
 _multi_worker = None  # this process's MultiWorkerMirroredStrategy, once built
+_cluster_task = None  # and its ClusterTask (whom to probe when a collective breaks)
 # This process's Mirrored strategies by device list. One per device list, reused by every run of the
 # process (a teacher then its student; a bench sweep): two MirroredStrategy objects number their
 # collective all-reduces from the same start, so the second one's synchronized BatchNorm reuses the
@@ -207,6 +215,76 @@ def wait_for_peers(task, timeout, poll=0.2):
     listener.close()
 
 
+def unreachable_peers(task, timeout=1.0):
+  """``{"worker 1": "host:port", ...}``: the other tasks that refuse a TCP connection now."""
+  return {name: address for name, address in task.peers().items()
+          if not _accepts_connection(address, timeout=timeout)}
+
+
+def _names(peers):
+  return ", ".join(f"{name} ({address})" for name, address in peers.items())
+
+
+class _RegistrationWatchdog:
+  """While TF's strategy constructor waits for every task to register: if it has not returned
+  within ``timeout`` seconds, write one line naming the peers that no longer accept connections
+  (or, if all do, that they did not join) to ``report_fd`` and end the process with exit code 2.
+  The constructor cannot be interrupted from Python, hence ``os._exit``."""
+
+  def __init__(self, task, timeout, report_fd=2):
+    self.task, self.timeout, self.report_fd = task, timeout, report_fd
+    self.done = threading.Event()
+    self.thread = threading.Thread(target=self._watch, name="kd_tf2-registration", daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.done.set()
+    return False
+
+  def _watch(self):
+    if self.done.wait(self.timeout):
+      return
+    gone = unreachable_peers(self.task)
+    if gone:
+      what = (f"{_names(gone)} went away after the start-up check and no longer accept(s) "
+              "connections; start every task of the cluster again")
+    else:
+      what = (f"the other tasks ({_names(self.task.peers())}) accept connections but did not "
+              "join the cluster; restart every task with the same TF_CONFIG cluster")
+    line = (f"{os.path.basename(sys.argv[0])}: error: --cluster_timeout={self.timeout:g}s passed "
+            f"while TF_CONFIG's tasks registered with each other: {what}\n")
+    if self.done.is_set():
+      return
+    try:
+      os.write(self.report_fd, line.encode())
+    finally:
+      os._exit(2)  # pylint: disable=protected-access
+
+
+def lost_worker(error, wait=5.0, poll=0.25):
+  """``WorkerLost`` naming the tasks of this process's cluster that went away, if ``error`` (raised
+  by TensorFlow during multi-worker training) came with some peer no longer accepting connections
+  within ``wait`` seconds; None otherwise (no multi-worker strategy here, not a TensorFlow error,
+  or every peer is still up: then ``error`` is not explained by a lost task)."""
+  if _cluster_task is None or not isinstance(error, tf.errors.OpError):
+    return None
+  deadline = time.monotonic() + wait
+  while True:
+    gone = unreachable_peers(_cluster_task)
+    if gone:
+      return WorkerLost(
+          f"{_names(gone)} went away during training (no longer accept(s) connections), so "
+          f"{_cluster_task.task_type} {_cluster_task.index} stopped too "
+          f"({type(error).__name__}); relaunch every task of the cluster with the same command to "
+          "resume from the chief's last checkpoint")
+    if time.monotonic() >= deadline:
+      return None
+    time.sleep(poll)
+
+
 def check_cluster_timeout(seconds):
   ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0
   if not ok:
@@ -220,9 +298,9 @@ def check_multi_worker_replicas(cpu_replicas):
                      "(each CPU worker runs one replica); drop --cpu_replicas")
 
 
-def _make_multi_worker(cluster_timeout):
+def _make_multi_worker(cluster_timeout, report_fd=2):
   """This process's ``MultiWorkerMirroredStrategy`` (built once; see the module docstring)."""
-  global _multi_worker
+  global _multi_worker, _cluster_task
   if _multi_worker is not None:
     return _multi_worker
   check_cluster_timeout(cluster_timeout)
@@ -231,7 +309,9 @@ def _make_multi_worker(cluster_timeout):
   check_multi_worker_replicas(len(split or ()))
   wait_for_peers(task, cluster_timeout)
   try:
-    _multi_worker = tf.distribute.MultiWorkerMirroredStrategy()
+    with _RegistrationWatchdog(task, cluster_timeout, report_fd):
+      _multi_worker = tf.distribute.MultiWorkerMirroredStrategy()
+    _cluster_task = task
   except RuntimeError as e:
     if "startup" not in str(e):
       raise
@@ -241,15 +321,17 @@ def _make_multi_worker(cluster_timeout):
   return _multi_worker
 
 
-def make_strategy(name="auto", cluster_timeout=DEFAULT_CLUSTER_TIMEOUT):
+def make_strategy(name="auto", cluster_timeout=DEFAULT_CLUSTER_TIMEOUT, report_fd=2):
   """The strategy called ``name`` (see the module docstring).
 
-  ``cluster_timeout``: seconds ``multi_worker`` waits for the other tasks of ``TF_CONFIG``.
+  ``cluster_timeout``: seconds ``multi_worker`` waits for the other tasks of ``TF_CONFIG``, first
+  to accept connections, then to register. ``report_fd``: where the registration watchdog writes
+  its one line (``kd_tf2.cli`` passes the real stderr while TensorFlow's start-up is muted).
   """
   if name not in STRATEGIES:
     raise UsageError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")
   if name == "multi_worker":
-    return _make_multi_worker(cluster_timeout)
+    return _make_multi_worker(cluster_timeout, report_fd)
   gpus = tf.config.list_logical_devices("GPU")
   cpus = tf.config.list_logical_devices("CPU")
   if name == "tpu":
