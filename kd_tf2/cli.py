@@ -35,10 +35,14 @@ def report_bug(error, prog=None):
   """Print the traceback of ``error`` (being handled), then one line saying it is a bug, and exit
   with code 1."""
   traceback.print_exc()
-  text = " ".join(str(error).split())[:300]
+  # TensorFlow's errors from traced code end with "<Type>: <message>" after the user-code frames.
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[-1][:300] if lines else ""
+  if not text.startswith(f"{type(error).__name__}:"):
+    text = f"{type(error).__name__}: {text}"
   prog = prog or os.path.basename(sys.argv[0])
-  print(f"{prog}: internal error (a bug, not bad input; traceback above): "
-        f"{type(error).__name__}: {text}", file=sys.stderr, flush=True)
+  print(f"{prog}: internal error (a bug, not bad input; traceback above): {text}",
+        file=sys.stderr, flush=True)
   sys.exit(BUG_EXIT)
 
 
