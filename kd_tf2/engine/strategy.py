@@ -14,13 +14,15 @@ checked first (``read_tf_config``) and every other task's address must accept a 
 within ``cluster_timeout`` seconds (``wait_for_peers``), else ``UsageError`` names the missing ones.
 A task that passed that probe but dies before it registers would still leave the constructor
 waiting: a watchdog (``_RegistrationWatchdog``) ends the process after another ``cluster_timeout``
-seconds with one line naming the tasks that no longer answer. When a task dies mid-training, TF
+seconds with one line naming the tasks that no longer answer (exit code 2). When a task dies mid-training, TF
 aborts the survivors' collectives (``UnavailableError``) within seconds; ``lost_worker`` turns that
 into a ``WorkerLost`` naming the task, found by probing every peer's address again.
 """
 import dataclasses
 import json
 import os
+import select
+import signal
 import socket
 import sys
 import threading
@@ -226,27 +228,62 @@ def _names(peers):
 
 
 class _RegistrationWatchdog:
-  """While TF's strategy constructor waits for every task to register: if it has not returned
-  within ``timeout`` seconds, write one line naming the peers that no longer accept connections
-  (or, if all do, that they did not join) to ``report_fd`` and end the process with exit code 2.
-  The constructor cannot be interrupted from Python, hence ``os._exit``."""
+  """Bounds the wait in TF's strategy constructor, which blocks until every task has registered
+  and holds the GIL (and TF catches SIGTERM) meanwhile, so no Python thread or handler of this
+  process can run until it returns.
+
+  A forked child watches instead: if the constructor has not returned within ``timeout`` seconds,
+  it writes one line to ``report_fd`` naming the peers that no longer accept connections (or, if
+  all do, saying that they did not join) and sends SIGINT, for which this process has installed
+  libc's ``_exit`` as a C-level handler for the duration: the process ends with exit code 2 (2 is
+  SIGINT's number), as a missing peer at start-up does. Without that handler it is SIGKILLed.
+  """
 
   def __init__(self, task, timeout, report_fd=2):
     self.task, self.timeout, self.report_fd = task, timeout, report_fd
-    self.done = threading.Event()
-    self.thread = threading.Thread(target=self._watch, name="kd_tf2-registration", daemon=True)
+    self.pid, self.pipe, self.previous = None, None, None
 
   def __enter__(self):
-    self.thread.start()
+    exit_on_sigint = self._install_exit_on_sigint()
+    read_end, self.pipe = os.pipe()
+    self.pid = os.fork()
+    if self.pid == 0:  # the child: never returns
+      try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.close(self.pipe)
+        self._watch(read_end, os.getppid(), exit_on_sigint)
+      finally:
+        os._exit(0)  # pylint: disable=protected-access
+    os.close(read_end)
     return self
 
   def __exit__(self, *exc):
-    self.done.set()
+    os.close(self.pipe)  # the child wakes up (end of file) and leaves
+    os.waitpid(self.pid, 0)
+    if self.previous is not None:
+      signal.signal(signal.SIGINT, self.previous)
     return False
 
-  def _watch(self):
-    if self.done.wait(self.timeout):
-      return
+  def _install_exit_on_sigint(self):
+    """SIGINT -> libc ``_exit(2)`` (no GIL needed); False where that cannot be done."""
+    if threading.current_thread() is not threading.main_thread():
+      return False  # Python's handler could not be put back (signal.signal: main thread only)
+    try:
+      import ctypes  # pylint: disable=import-outside-toplevel
+      libc = ctypes.CDLL(None)
+      libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+      handler = ctypes.cast(libc._exit, ctypes.c_void_p).value  # pylint: disable=protected-access
+      previous = signal.getsignal(signal.SIGINT)
+      if libc.signal(signal.SIGINT, handler) == ctypes.c_void_p(-1).value:
+        return False
+    except (OSError, AttributeError, ValueError):
+      return False
+    self.previous = signal.default_int_handler if previous is None else previous
+    return True
+
+  def _watch(self, read_end, parent, exit_on_sigint):
+    if select.select([read_end], [], [], self.timeout)[0]:
+      return  # the constructor returned (or the parent died)
     gone = unreachable_peers(self.task)
     if gone:
       what = (f"{_names(gone)} went away after the start-up check and no longer accept(s) "
@@ -256,12 +293,10 @@ class _RegistrationWatchdog:
               "join the cluster; restart every task with the same TF_CONFIG cluster")
     line = (f"{os.path.basename(sys.argv[0])}: error: --cluster_timeout={self.timeout:g}s passed "
             f"while TF_CONFIG's tasks registered with each other: {what}\n")
-    if self.done.is_set():
+    if select.select([read_end], [], [], 0)[0]:
       return
-    try:
-      os.write(self.report_fd, line.encode())
-    finally:
-      os._exit(2)  # pylint: disable=protected-access
+    os.write(self.report_fd, line.encode())
+    os.kill(parent, signal.SIGINT if exit_on_sigint else signal.SIGKILL)
 
 
 def lost_worker(error, wait=5.0, poll=0.25):
