@@ -30,6 +30,7 @@ import time
 
 import tensorflow as tf
 
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.errors import UsageError, WorkerLost
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -54,7 +55,7 @@ def configure_cpu_replicas(n):
   Must run before TensorFlow initialises its devices (before any op); asking for a different
   split afterwards raises ``UsageError``. ``n <= 1`` leaves the CPU alone.
   """
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+  if not is_int(n) or n < 1:
     raise UsageError(f"cpu_replicas={n!r}: must be an integer >= 1")
   cpus = tf.config.list_physical_devices("CPU")
   current = tf.config.get_logical_device_configuration(cpus[0])
@@ -147,7 +148,7 @@ def read_tf_config(text):
     raise UsageError(f'TF_CONFIG task type {task_type!r} is not a job of the cluster '
                      f'(jobs: {", ".join(cluster)})')
   n = len(cluster[task_type])
-  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+  if not is_int(index) or not 0 <= index < n:
     raise UsageError(f"TF_CONFIG task index {index!r} is out of range: job {task_type!r} has {n} "
                      f"task(s), indices 0..{n - 1}")
   return ClusterTask({job: tuple(a) for job, a in cluster.items()}, task_type, index)
@@ -321,7 +322,7 @@ def lost_worker(error, wait=5.0, poll=0.25):
 
 
 def check_cluster_timeout(seconds):
-  ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0
+  ok = is_number(seconds) and seconds > 0
   if not ok:
     raise UsageError(f"--cluster_timeout={seconds!r}: must be a number of seconds > 0")
 
