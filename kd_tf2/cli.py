@@ -32,8 +32,8 @@ def fail(message, code=USAGE_EXIT, prog=None):
 
 
 def report_bug(error, prog=None):
-  """Print the traceback of ``error`` (being handled), then one line saying it is a bug, and exit
-  with code 1."""
+  """Print the traceback of ``error`` (being handled), then one line saying it is a bug (or, for an
+  ``OSError``, a system error), and exit with code 1."""
   traceback.print_exc()
   # TensorFlow's errors from traced code end with "<Type>: <message>" after the user-code frames.
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -41,8 +41,11 @@ def report_bug(error, prog=None):
   if not text.startswith(f"{type(error).__name__}:"):
     text = f"{type(error).__name__}: {text}"
   prog = prog or os.path.basename(sys.argv[0])
-  print(f"{prog}: internal error (a bug, not bad input; traceback above): {text}",
-        file=sys.stderr, flush=True)
+  if isinstance(error, OSError):  # disk full, a file removed under the run: the system's
+    kind = "system error (not bad input; traceback above)"
+  else:
+    kind = "internal error (a bug, not bad input; traceback above)"
+  print(f"{prog}: {kind}: {text}", file=sys.stderr, flush=True)
   sys.exit(BUG_EXIT)
 
 

@@ -82,17 +82,21 @@ def test_train_py_bad_input_is_one_line_and_a_bug_shows_its_traceback(tmp_path):
                   "injected bug in the step"), last
 
 
-def test_report_bug_prints_the_traceback_then_one_line(capsys):
+@pytest.mark.parametrize("error,last", [
+    (KeyError("x"), "prog: internal error (a bug, not bad input; traceback above): KeyError: 'x'"),
+    (OSError(28, "No space left on device"), "prog: system error (not bad input; traceback "
+     "above): OSError: [Errno 28] No space left on device"),
+])
+def test_report_bug_prints_the_traceback_then_one_line(capsys, error, last):
   with pytest.raises(SystemExit) as exit_info:
     try:
-      raise KeyError("x")
-    except KeyError as e:
+      raise error
+    except Exception as e:  # pylint: disable=broad-except
       cli.report_bug(e, prog="prog")
   err = capsys.readouterr().err
   assert exit_info.value.code == 1
-  assert err.startswith("Traceback") and "raise KeyError" in err
-  assert err.strip().splitlines()[-1] == (
-      "prog: internal error (a bug, not bad input; traceback above): KeyError: 'x'")
+  assert err.startswith("Traceback") and "raise error" in err
+  assert err.strip().splitlines()[-1] == last
 
 
 def test_run_guarded_tells_bad_input_from_bugs(capsys):
