@@ -1,5 +1,5 @@
-"""Type checks for numbers that a user or a caller passes: in Python ``True`` is an ``int``, but it is
-not a count, an epoch or a weight, so every check refuses bools.
+"""Type checks for numbers that a user or a caller passes: in Python ``True`` is an ``int``, but it
+is not a count, an epoch or a weight, so every check refuses bools.
 
     if not is_int(epochs) or epochs < 1: raise UsageError(...)
     if not is_number(weight) or weight < 0: raise UsageError(...)
@@ -14,5 +14,5 @@ def is_int(value):
 
 
 def is_number(value):
-  """An ``int`` or a ``float`` and not a ``bool`` (NaN and inf included: compare to exclude them)."""
+  """An ``int`` or a ``float`` and not a ``bool`` (NaN and inf pass: compare to exclude them)."""
   return isinstance(value, (int, float)) and not isinstance(value, bool)

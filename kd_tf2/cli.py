@@ -3,10 +3,10 @@ parsing, a quiet TensorFlow start.
 
 How a script ends (``kd_tf2.errors``): bad input (``UsageError``) with ``<script>: error: <one
 line>`` on stderr and exit code 2, never a traceback (``KD_TF2_TRACEBACK=1`` re-raises for
-debugging); a lost multi-worker task with one line naming it, exit code 1; any other exception is a
-bug: its traceback, then ``<script>: internal error: ...`` and exit code 1. TensorFlow's C++ start-up
-chatter (oneDNN, CUDA probing) is sent to /dev/null while TensorFlow loads; ``KD_TF2_VERBOSE=1``
-keeps it.
+debugging); a lost multi-worker task with one line naming it, exit code 1; any other exception is
+a bug: its traceback, then ``<script>: internal error ...`` and exit code 1. TensorFlow's C++
+start-up chatter (oneDNN, CUDA probing) is sent to /dev/null while TensorFlow loads;
+``KD_TF2_VERBOSE=1`` keeps it.
 """
 import os
 import sys

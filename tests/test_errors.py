@@ -175,7 +175,8 @@ def test_table_cell_refused_only_for_bad_input(tmp_path, monkeypatch, raised, st
 def test_table_cell_process_exit_codes(monkeypatch, capsys):
   """``table-cell``: exit 2 (refused) for bad input only; a bug propagates (traceback, exit 1),
   which the sweep records as ``error``."""
-  config = dataclasses.asdict(TrainConfig(method="none", arch="resnet8", dataset=DATA, batch_size=16))
+  config = dataclasses.asdict(TrainConfig(method="none", arch="resnet8", dataset=DATA,
+                                          batch_size=16))
 
   def refuse(config):
     raise UsageError("--x: bad")

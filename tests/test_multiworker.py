@@ -195,7 +195,7 @@ def test_a_peer_that_goes_away_before_registering_is_named_after_cluster_timeout
   assert code == 2, f"exit {code}\n{out}\n{err}"
   assert len(lines) == 1 and "Traceback" not in err, err
   assert lines[0].startswith("train.py: error: --cluster_timeout=3s passed while TF_CONFIG's "
-                             f"tasks registered with each other: worker 1 (127.0.0.1:{ports[1]}) "
+                             f"tasks registered with each other: 127.0.0.1:{ports[1]} (worker 1) "
                              "went away after the start-up check"), lines[0]
   assert not os.path.exists(tmp_path / "left")  # nothing written
 
@@ -234,7 +234,7 @@ def test_a_worker_killed_mid_epoch_is_named_and_a_relaunch_resumes(tmp_path):
   ours = [line for line in err.splitlines() if line.startswith("train.py:")]
   assert code == 1, f"exit {code}\n{out[-2000:]}\n{err[-4000:]}"
   assert "Traceback" not in err and len(ours) == 1 and err.strip().endswith(ours[0]), err
-  assert ours[0].startswith(f"train.py: error: worker 1 (127.0.0.1:{ports[1]}) went away during "
+  assert ours[0].startswith(f"train.py: error: 127.0.0.1:{ports[1]} (worker 1) went away during "
                             "training"), ours[0]
   assert "relaunch every task of the cluster with the same command" in ours[0]
   assert [m["epoch"] for m in metrics(pair)] == [1]

@@ -14,9 +14,10 @@ checked first (``read_tf_config``) and every other task's address must accept a 
 within ``cluster_timeout`` seconds (``wait_for_peers``), else ``UsageError`` names the missing ones.
 A task that passed that probe but dies before it registers would still leave the constructor
 waiting: a watchdog (``_RegistrationWatchdog``) ends the process after another ``cluster_timeout``
-seconds with one line naming the tasks that no longer answer (exit code 2). When a task dies mid-training, TF
-aborts the survivors' collectives (``UnavailableError``) within seconds; ``lost_worker`` turns that
-into a ``WorkerLost`` naming the task, found by probing every peer's address again.
+seconds with one line naming the tasks that no longer answer (exit code 2). When a task dies
+mid-training, TF aborts the survivors' collectives (``UnavailableError``) within about 10 s;
+``lost_worker`` turns that into a ``WorkerLost`` naming the task, found by probing every peer's
+address again.
 """
 import dataclasses
 import json
@@ -209,10 +210,9 @@ def wait_for_peers(task, timeout, poll=0.2):
       if not pending:
         return
       if time.monotonic() >= deadline:
-        missing = ", ".join(f"{address} ({name})" for name, address in pending.items())
-        raise UsageError(f"--cluster_timeout={timeout:g}s passed and TF_CONFIG's {missing} still "
-                         "refuse(s) connections; start every task of the cluster, or raise "
-                         "--cluster_timeout")
+        raise UsageError(f"--cluster_timeout={timeout:g}s passed and TF_CONFIG's "
+                         f"{_names(pending)} still refuse(s) connections; start every task of the "
+                         "cluster, or raise --cluster_timeout")
       time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
   finally:
     listener.close()
@@ -225,7 +225,7 @@ def unreachable_peers(task, timeout=1.0):
 
 
 def _names(peers):
-  return ", ".join(f"{name} ({address})" for name, address in peers.items())
+  return ", ".join(f"{address} ({name})" for name, address in peers.items())
 
 
 class _RegistrationWatchdog:
