@@ -54,6 +54,9 @@ def engine_hparams(method_cls, config):
   out = {}
   if "train_labels" in accepted:
     out["train_labels"] = train_labels(config)
+  if "protocol" in accepted:  # per-protocol defaults (DIST): from the dataset name
+    from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
+    out["protocol"] = dataset_protocol(config.dataset)
   return out
 
 
