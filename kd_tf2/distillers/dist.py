@@ -43,6 +43,7 @@ def _weight(name, value):
 @register("DIST")
 class DIST(Distiller):
   """{"dist": method_weight * T^2 * (beta * inter + gamma * intra)}."""
+  engine_hparams = ("protocol",)   # the engine passes the dataset's protocol
   # Class attributes = the "cifar" protocol (the default).
   method_weight = 2.0
   temperature = 4.0
@@ -72,7 +73,7 @@ class DIST(Distiller):
                        f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
                        f"{t.logits.shape[-1]}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.dist(s.logits, t.logits, beta=self.beta, gamma=self.gamma,
                           temperature=self.temperature)
     return {"dist": self.method_weight * loss}

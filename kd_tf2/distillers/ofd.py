@@ -49,7 +49,7 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller
+from kd_tf2.distillers.base import Distiller, as_float32
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 
@@ -216,7 +216,7 @@ class OFD(Distiller):
       return super().teacher_outputs(images)
     with batch_statistics(self.teacher):
       out = self.teacher(images, training=True, features=True)
-    return tf.nest.map_structure(lambda x: tf.cast(tf.stop_gradient(x), tf.float32), out)
+    return as_float32(tf.nest.map_structure(tf.stop_gradient, out))
 
   @staticmethod
   def _paired(s_list, t_list):
@@ -230,7 +230,7 @@ class OFD(Distiller):
       raise UsageError(f"OFD needs stage preacts; {self.student.arch} has "
                        f"{len(s.preacts) - 1} and {self.teacher.arch} has {len(t.preacts) - 1}")
     self.connectors = [
-        OFDConnector(int(tp.shape[-1]), bool(getattr(self.student, "synchronized_bn", False)),
+        OFDConnector(int(tp.shape[-1]), self.synchronized_bn,
                      name=f"connector_{i}")
         for i, tp in enumerate(t_pre)]
     self._t_channels = [int(tp.shape[-1]) for tp in t.preacts[1:]]
@@ -241,7 +241,7 @@ class OFD(Distiller):
     margins = teacher_margins(self.teacher, self._t_channels)
     self._margins = tuple(margins[len(margins) - len(self.connectors):])
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     n = len(self.connectors)
     terms = []
     s_pre, t_pre = self._paired(s.preacts[1:], t.preacts[1:])

@@ -49,15 +49,11 @@ def eval_split(splits):
 
 
 def engine_hparams(method_cls, config):
-  """Constructor keywords a method asks the engine for (``Distiller`` docstring), by name."""
-  accepted = set(method_cls.accepted_hparams())
-  out = {}
-  if "train_labels" in accepted:
-    out["train_labels"] = train_labels(config)
-  if "protocol" in accepted:  # per-protocol defaults (DIST): from the dataset name
-    from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
-    out["protocol"] = dataset_protocol(config.dataset)
-  return out
+  """Constructor keywords the method asks the engine for (``Distiller.engine_hparams``)."""
+  from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
+  return distillers.engine_kwargs(method_cls, train_labels=lambda: train_labels(config),
+                                  jit_compiled=lambda: config.jit_compile,
+                                  protocol=lambda: dataset_protocol(config.dataset))
 
 
 def train_labels(config):
@@ -221,6 +217,9 @@ class _Job:
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
         on_start=self.run.trim_metrics if self.chief else None, verbose=c.verbose,
+        resume_from=self.run.newest, log_every=cfg.log_every_n_steps(c, steps),
+        checkpoint_every_steps=c.checkpoint_every_n_steps,
+        checkpoint_every_minutes=c.checkpoint_every_minutes,
         extra_checkpointed=teacher.weights if self.source == "fresh" else ())
 
   def export(self, student, teacher, distiller):
