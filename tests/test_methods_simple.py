@@ -8,6 +8,7 @@ teacher, one optimiser step inside ``tf.function``; plus the pairs and values ea
 and DKD's warm-up. Tiny pair: resnet8 student, resnet14 teacher (same stage widths), batch 8.
 """
 import math
+import types
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ DEFAULTS = {
     "CC": (1.0, 0.0, 100.0, 4.0),
     "IRG": (1.0, 0.0, 1.0, 4.0),
     "DKD": (1.0, 0.0, 1.0, 4.0),
-    "DIST": (1.0, 0.0, 1.0, 1.0),
+    "DIST": (1.0, 0.0, 2.0, 4.0),   # the "cifar" protocol (DIST_KD dist_cifar.yaml)
     "KD_SVD": (1.0, 0.0, 1.0, 4.0),
 }
 
@@ -131,7 +132,7 @@ def expected_terms(method, s, t, labels):
   if method == "DKD":  # engine epoch 0 = mdistiller's epoch 1: warm-up factor 1/20
     return {"dkd": float(L.dkd(s.logits, t.logits, labels, 1.0, 8.0, 4.0)) / 20.0}
   if method == "DIST":
-    return {"dist": float(L.dist(s.logits, t.logits, 1.0, 1.0, 1.0))}
+    return {"dist": 2.0 * float(L.dist(s.logits, t.logits, 1.0, 1.0, 4.0))}
   if method == "KD_SVD":
     return {"kd_svd": float(L.kd_svd(s.features[1:4], t.features[1:4], k=1))}
   raise AssertionError(method)
@@ -182,11 +183,13 @@ def test_defaults_and_terms_follow_the_catalog(method, pair, outputs, batch):
 def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
   student, teacher = twins
   images, labels = batch
-  d = distillers.create(method, student, teacher)
+  # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
+  # (nearly uniform columns; more at the CIFAR protocol's T = 4, hence T = 1 here); every other
+  # term vanishes to float32 rounding.
+  hparams = {"protocol": "imagenet"} if method == "DIST" else {}
+  d = distillers.create(method, student, teacher, **hparams)
   s = d.student_outputs(images, training=False)
   terms = d.terms(s, d.teacher_outputs(images), {"label": labels, "image": images}, training=False)
-  # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
-  # (nearly uniform columns); every other term vanishes to float32 rounding.
   tolerance = 1e-3 if method == "DIST" else 1e-4
   for key, value in terms.items():
     assert abs(float(value)) < tolerance, (key, float(value))
@@ -248,10 +251,52 @@ def test_hyper_parameters_reach_the_loss(pair, outputs, batch):
   np.testing.assert_allclose(float(cc), 100.0 * np_cc(s.embedding, t.embedding, 0.8, 3), rtol=2e-4)
   dist = distillers.create("DIST", *pair, beta=2.0, gamma=0.5, temperature=4.0)
   np.testing.assert_allclose(float(dist.terms(s, t, {"label": labels, "image": images})["dist"]),
-                             float(L.dist(s.logits, t.logits, 2.0, 0.5, 4.0)), rtol=1e-5)
+                             2.0 * float(L.dist(s.logits, t.logits, 2.0, 0.5, 4.0)), rtol=1e-5)
   pkt = distillers.create("PKT", *pair, eps=1e-6).terms(s, t, {"label": labels, "image": images})["pkt"]
   np.testing.assert_allclose(float(pkt), 30000.0 * float(L.pkt(s.embedding, t.embedding, 1e-6)),
                              rtol=1e-6)
+
+
+def test_dist_defaults_follow_the_protocol(pair):
+  """DIST_KD configs: CIFAR T 4 (kd dist_t4), ImageNet T 1; beta = gamma = 1 weighted by 2."""
+  cls = distillers.get("DIST")
+  assert cls.defaults_for("cifar") == dict(temperature=4.0, beta=1.0, gamma=1.0, method_weight=2.0)
+  assert cls.defaults_for("imagenet") == dict(temperature=1.0, beta=1.0, gamma=1.0,
+                                              method_weight=2.0)
+  imagenet = cls(*pair, protocol="imagenet")
+  assert (imagenet.temperature, imagenet.method_weight) == (1.0, 2.0)
+  assert cls(*pair).hparams()["protocol"] == "cifar"
+  mixed = cls(*pair, protocol="imagenet", temperature=2.0, beta=3.0, method_weight=1.0)
+  assert (mixed.temperature, mixed.beta, mixed.gamma, mixed.method_weight) == (2.0, 3.0, 1.0, 1.0)
+  with pytest.raises(UsageError, match=r"DIST protocol='tiny': accepted cifar, imagenet"):
+    cls(*pair, protocol="tiny")
+
+
+def test_the_engine_picks_the_protocol_from_the_dataset():
+  from kd_tf2.distillers._pairs import dataset_protocol
+  names = ("cifar100", "cifar10", "synthetic", "ImageNet", "imagenet64")
+  assert [dataset_protocol(d) for d in names] == ["cifar", "cifar", "cifar", "imagenet", "imagenet"]
+  kwargs = distillers.engine_kwargs(distillers.get("DIST"), train_labels=lambda: None,
+                                    jit_compiled=lambda: False, protocol=lambda: "imagenet")
+  assert kwargs == {"protocol": "imagenet"}
+
+
+@pytest.mark.parametrize("student, teacher, beta", [
+    ("wrn_16_2", "wrn_40_2", 6.0), ("wrn_40_1", "wrn_40_2", 6.0), ("vgg8", "vgg13", 6.0),
+    ("MobileNetV2", "vgg13", 6.0), ("resnet20", "resnet56", 2.0), ("resnet32", "resnet110", 2.0),
+    ("resnet8x4", "resnet32x4", 8.0), ("ShuffleV1", "wrn_40_2", 8.0)])
+def test_dkd_beta_is_mdistillers_per_pair_value_unless_given(student, teacher, beta):
+  def net(arch):
+    return types.SimpleNamespace(arch=arch)
+
+  cls = distillers.get("DKD")
+  d = cls(net(student), net(teacher))
+  assert d.beta == beta
+  assert ("pair_defaults" in d.hparams()) == (beta != 8.0)
+  if beta != 8.0:
+    assert d.hparams()["pair_defaults"].startswith(f"beta={beta:g} (mdistiller configs/cifar100/")
+  assert cls(net(student), net(teacher), beta=3.0).beta == 3.0
+  assert "pair_defaults" not in cls(net(student), net(teacher), beta=3.0).hparams()
 
 
 # ----------------------------------------------------------------------------- refusals
