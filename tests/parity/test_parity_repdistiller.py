@@ -87,6 +87,12 @@ def _stage(parity, name, connectors=no_connectors, **hparams):
   return fx, terms, states
 
 
+# Moving statistics we do not reproduce on purpose (docs/parity/repdistiller.md): with
+# preact=True RepDistiller's WRN applies block2.layer[0].bn1 and block3.layer[0].bn1 a second time
+# to produce the preacts, so in train mode their running statistics move twice per step.
+SKIP_STATS = {"ab": ("block2.layer.0.bn1.", "block3.layer.0.bn1.")}
+
+
 def _assert(parity, fx, terms, states, what):
   """Terms and weights to TOL (float64 rule where the fixture has a float64 run); then the BN
   moving statistics, xfail while our BN updates moving_variance with the biased variance."""
@@ -94,7 +100,9 @@ def _assert(parity, fx, terms, states, what):
     parity.check_against_f64(fx, terms, states, what=what)
   else:
     parity.check(parity.compare(fx, terms, states, moving_stats=False), what=what)
-  stats = {k: v for k, v in parity.compare(fx, terms, states).items() if parity.is_moving_stat(k)}
+  skip = SKIP_STATS.get(what, ())
+  stats = {k: v for k, v in parity.compare(fx, terms, states).items()
+           if parity.is_moving_stat(k) and not any(p in k for p in skip)}
   if stats and not parity.bn_is_unbiased():
     pytest.xfail("BatchNorm moving_variance is updated with the biased batch variance "
                  "(issue 13 item 2, the w2-nets fix); weights and terms matched")
