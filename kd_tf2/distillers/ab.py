@@ -73,7 +73,7 @@ class AB(Distiller):
     if len(s_pre) != len(t_pre) or not s_pre:
       raise UsageError(f"AB cannot distil {pair}: the student has {len(s_pre)} stage outputs and "
                        f"the teacher {len(t_pre)}; AB needs the same number of positions")
-    sync = bool(getattr(self.student, "synchronized_bn", False))
+    sync = self.synchronized_bn
     for i, (fs, ft) in enumerate(zip(s_pre, t_pre)):
       name = f"connector_{i}"
       if fs.shape[1:] == ft.shape[1:]:
@@ -101,8 +101,8 @@ class AB(Distiller):
       terms.append(w * kd_losses.activation_boundary(guess, ft, margin=self.margin))
     return tf.add_n(terms)
 
-  def init_losses(self, s, t, labels, images, *, training=True):
-    del labels, images
+  def init_terms(self, s, t, batch, *, training=True):
+    del batch
     return {"ab": self.ab_loss(s, t, training)}
 
   def connector_variables(self):
@@ -142,4 +142,4 @@ class AB(Distiller):
       head.trainable = was
 
   def stages(self):
-    return [Stage("init", int(self.init_epochs), self.init_losses, self.init_variables)]
+    return [Stage("init", int(self.init_epochs), self.init_terms, self.init_variables)]

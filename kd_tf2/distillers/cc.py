@@ -64,7 +64,7 @@ class CC(Distiller):
     self.embed_s.build((None, d_s))
     self.embed_t.build((None, d_t))
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     if self.form == "zoo":
       loss = kd_losses.correlation_congruence(s.embedding, t.embedding, gamma=self.gamma,
                                               order=self.order)

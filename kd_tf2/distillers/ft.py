@@ -157,10 +157,10 @@ class FT(Distiller):
       raise UsageError(f"FT cannot distil {_arch(self.student)} -> {_arch(self.teacher)} with "
                        f"rate={self.rate}: int({ct} * {self.rate}) = 0 factor channels")
     self.paraphraser = Paraphraser(ct, self.rate, name="paraphraser")
-    self.translator = Translator(cs, m, bool(getattr(self.student, "synchronized_bn", False)),
+    self.translator = Translator(cs, m, self.synchronized_bn,
                                  name="translator")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     factor_s = tf.cast(self.translator(s.features[-1], training=training), tf.float32)
     factor_t = tf.stop_gradient(tf.cast(self.paraphraser.encode(t.features[-1]), tf.float32))
     factor_s, factor_t = pool_to_match(factor_s, factor_t)
@@ -168,9 +168,9 @@ class FT(Distiller):
     loss = tf.reduce_mean(diff if self.p == 1.0 else tf.pow(diff, self.p))
     return {"ft": self.method_weight * loss}
 
-  def reconstruction_losses(self, s, t, labels, images, *, training=True):
+  def reconstruction_terms(self, s, t, batch, *, training=True):
     """The paraphraser stage's term: MSE(paraphraser(f_t), f_t) (RepDistiller ``nn.MSELoss``)."""
-    del s, labels, images, training
+    del s, batch, training
     target = t.features[-1]
     rec = tf.cast(self.paraphraser(target), tf.float32)
     return {"paraphraser": tf.reduce_mean(tf.square(rec - target))}
@@ -180,7 +180,7 @@ class FT(Distiller):
     return list(self.student.trainable_variables) + list(self.translator.trainable_variables)
 
   def stages(self):
-    return [Stage("paraphraser", int(self.init_epochs), self.reconstruction_losses,
+    return [Stage("paraphraser", int(self.init_epochs), self.reconstruction_terms,
                   lambda: list(self.paraphraser.trainable_variables),
                   learning_rate=self.paraphraser_lr, uses_student=False)]
 

@@ -44,7 +44,7 @@ import tensorflow as tf
 
 import nets
 from kd_tf2 import distillers
-from kd_tf2.distillers import StepContext
+from kd_tf2.engine.step import compile_step
 from kd_tf2.optim import TorchSGD
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -186,20 +186,9 @@ def read_state(entries):
 # --------------------------------------------------------------------------- the step
 
 def compile_ours(step_fn, optimizer, variables):
-  """OUR step as the engine compiles it: ``step(batch) -> {term: scalar, ...}``."""
-  try:
-    from kd_tf2.engine.step import compile_step  # the lead's refactor (issue 15)
-  except ImportError:
-    compile_step = None
-  if compile_step is not None:
-    return compile_step(tf.distribute.get_strategy(), step_fn, optimizer, variables)
-  ctx = StepContext(optimizer, variables)
-
-  @tf.function
-  def step(batch):
-    return dict(step_fn(batch, ctx).terms)
-
-  return step
+  """OUR step as the engine compiles it (``kd_tf2.engine.step.compile_step`` under the default
+  strategy): ``step(batch) -> (terms, metrics)``."""
+  return compile_step(tf.distribute.get_strategy(), step_fn, optimizer, variables)
 
 
 def build(fx, connectors=None, **hparams):
@@ -244,7 +233,7 @@ def run(fx, ours, step_fn, variables, lr=None):
   step = compile_ours(step_fn, opt, variables)
   terms, states = {}, {}
   for i, batch in enumerate(batches(fx), start=1):
-    out = step(batch)
+    out, _ = step(batch)
     for name, value in out.items():
       if not name.startswith("_") and name != "loss":
         terms.setdefault(name, []).append(float(value))
