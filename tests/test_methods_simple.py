@@ -20,6 +20,9 @@ from kd_tf2 import losses as L
 from kd_tf2.errors import UsageError
 
 METHODS = ["Logits", "NST", "PKT", "RKD", "SP", "CC", "IRG", "DKD", "DIST", "KD_SVD"]
+# CC is exercised here in its parameter-free Zoo form; its default RepDistiller form (trainable
+# embeds) is tested in test_cc_repdistiller_form and in tests/parity.
+FORM = {"CC": {"form": "zoo"}}
 NUM_CLASSES, BATCH = 10, 8
 
 # METHODS.md §3 (§2.15 / §2.16 for DKD, DIST): ce_weight, kd_weight, method_weight, temperature.
@@ -153,7 +156,10 @@ def test_method_specific_defaults(pair):
     return distillers.get(method)(*pair).hparams()
 
   assert (hparams("RKD")["distance_weight"], hparams("RKD")["angle_weight"]) == (25.0, 50.0)
-  assert (hparams("CC")["gamma"], hparams("CC")["order"]) == (0.4, 2)
+  assert (hparams("CC")["form"], hparams("CC")["feat_dim"]) == ("repdistiller", 128)
+  zoo_cc = distillers.get("CC")(*pair, form="zoo")
+  assert (zoo_cc.hparams()["gamma"], zoo_cc.hparams()["order"]) == (0.4, 2)
+  assert (distillers.get("CC")(*pair).method_weight, zoo_cc.method_weight) == (0.02, 100.0)
   assert (hparams("DKD")["alpha"], hparams("DKD")["beta"], hparams("DKD")["warmup"]) == (1, 8, 20)
   assert (hparams("DIST")["beta"], hparams("DIST")["gamma"]) == (1.0, 1.0)
   irg = hparams("IRG")
@@ -166,7 +172,7 @@ def test_method_specific_defaults(pair):
 def test_defaults_and_terms_follow_the_catalog(method, pair, outputs, batch):
   s, t = outputs
   images, labels = batch
-  d = distillers.create(method, *pair)
+  d = distillers.create(method, *pair, **FORM.get(method, {}))
   assert (d.ce_weight, d.kd_weight, d.method_weight, d.temperature) == DEFAULTS[method]
   assert d.init_epochs is None and d.stages() == []
   assert d.trainable_variables == []  # no learnable connector in any of these methods
@@ -186,7 +192,9 @@ def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
   # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
   # (nearly uniform columns; more at the CIFAR protocol's T = 4, hence T = 1 here); every other
   # term vanishes to float32 rounding.
-  hparams = {"protocol": "imagenet"} if method == "DIST" else {}
+  hparams = dict(FORM.get(method, {}))
+  if method == "DIST":
+    hparams["protocol"] = "imagenet"
   d = distillers.create(method, student, teacher, **hparams)
   s = d.student_outputs(images, training=False)
   terms = d.terms(s, d.teacher_outputs(images), {"label": labels, "image": images}, training=False)
@@ -201,7 +209,7 @@ def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
 def test_gradients_reach_the_student_and_never_the_teacher(method, pair, batch):
   student, teacher = pair
   images, labels = batch
-  d = distillers.create(method, student, teacher)
+  d = distillers.create(method, student, teacher, **FORM.get(method, {}))
   assert teacher.trainable_variables == []
   with tf.GradientTape(persistent=True) as tape:
     s = d.student_outputs(images, training=True)
@@ -247,7 +255,8 @@ def test_rkd_logs_both_terms_and_drops_a_zero_weight(pair, outputs, batch):
 def test_hyper_parameters_reach_the_loss(pair, outputs, batch):
   s, t = outputs
   images, labels = batch
-  cc = distillers.create("CC", *pair, gamma=0.8, order=3).terms(s, t, {"label": labels, "image": images})["cc"]
+  cc = distillers.create("CC", *pair, form="zoo", gamma=0.8,
+                        order=3).terms(s, t, {"label": labels, "image": images})["cc"]
   np.testing.assert_allclose(float(cc), 100.0 * np_cc(s.embedding, t.embedding, 0.8, 3), rtol=2e-4)
   dist = distillers.create("DIST", *pair, beta=2.0, gamma=0.5, temperature=4.0)
   np.testing.assert_allclose(float(dist.terms(s, t, {"label": labels, "image": images})["dist"]),
@@ -331,9 +340,27 @@ def test_logit_methods_refuse_different_class_counts(method, pair):
 @pytest.mark.parametrize("method, hparams", [
     ("KD_SVD", {"k": 0}), ("KD_SVD", {"k": 1.0}), ("CC", {"order": 1.5}), ("CC", {"gamma": 0}),
     ("DKD", {"warmup": -1}), ("DKD", {"beta": "8"}), ("RKD", {"angle_weight": -1}),
-    ("PKT", {"eps": 0}), ("IRG", {"w_edge": True}), ("DIST", {"gamma": -2}),
+    ("PKT", {"eps": 0}), ("CC", {"form": "paper"}), ("CC", {"feat_dim": 0}), ("IRG", {"w_edge": True}), ("DIST", {"gamma": -2}),
 ])
 def test_bad_hyper_parameters_are_refused(method, hparams, pair):
   name = next(iter(hparams))
   with pytest.raises(UsageError, match=rf"{method} {name}="):
     distillers.create(method, *pair, **hparams)
+
+
+def test_cc_repdistiller_form(pair, outputs, batch):
+  """RepDistiller's CC: trainable 128-d embeds on both nets, mean over consecutive samples of
+  sum_d |E_s - E_t|_i |E_s - E_t|_(i+1), weight 0.02; both embeds learn with the student."""
+  s, t = outputs
+  images, labels = batch
+  d = distillers.create("CC", *pair)
+  assert d.method_weight == 0.02 and d.form == "repdistiller"
+  assert d.embed_s.kernel.shape == (64, 128) and d.embed_t.kernel.shape == (64, 128)
+  e_s = _np(s.embedding) @ d.embed_s.kernel.numpy() + d.embed_s.bias.numpy()
+  e_t = _np(t.embedding) @ d.embed_t.kernel.numpy() + d.embed_t.bias.numpy()
+  delta = np.abs(e_s - e_t)
+  want = 0.02 * np.mean(np.sum(delta[:-1] * delta[1:], axis=1))
+  got = d.terms(s, t, {"label": labels, "image": images}, training=False)["cc"]
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  ids = {id(v) for v in d.variables_to_train()}
+  assert all(id(v) in ids for v in d.embed_s.trainable_variables + d.embed_t.trainable_variables)

@@ -10,6 +10,8 @@ Equivalence with PyTorch is checked two ways:
 """
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -86,7 +88,9 @@ def _close(actual, expected, what):
 # --- registry ----------------------------------------------------------------------------------
 
 def test_available_lists_every_zoo_name():
-  assert set(nets.available()) == set(COUNTS)
+  imagenet = {"resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet",
+              "mobilenetv1_imagenet"}  # tests/test_nets_imagenet.py
+  assert set(nets.available()) == set(COUNTS) | imagenet
 
 
 def test_canonical_name_is_case_insensitive():
@@ -508,11 +512,112 @@ def test_training_updates_bn_statistics_with_pytorch_momentum():
   assert np.all(bn.moving_mean.numpy() == 0)  # inference leaves the statistics alone
   train_logits = model(x, training=True)
   f0 = np.asarray(eval_out.features[0], np.float64)
-  # PyTorch momentum 0.1: running = 0.9 running + 0.1 batch (biased variance in Keras, NETS.md §1.3)
+  # PyTorch momentum 0.1: running = 0.9 running + 0.1 batch (unbiased variance, as PyTorch)
+  n = f0.size // f0.shape[-1]
   np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * f0.mean(axis=(0, 1, 2)), atol=1e-5)
-  np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * f0.var(axis=(0, 1, 2)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(bn.moving_variance.numpy(),
+                             0.9 + 0.1 * f0.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-4)
   assert np.max(np.abs(np.asarray(train_logits) - np.asarray(eval_out.logits))) > 1e-3
+
+
+# --- BatchNorm training mode = PyTorch's BatchNorm2d (issue 13) --------------------------------------
+
+def _bn_case(seed=6):
+  """Three training batches [4, 5, 5, 6] (n = 100 values per channel) and non-trivial weights."""
+  rng = np.random.default_rng(seed)
+  xs = [(rng.standard_normal((4, 5, 5, 6)) * rng.uniform(0.5, 3, 6) + rng.normal(0, 2, 6))
+        .astype(np.float32) for _ in range(3)]
+  weights = [rng.uniform(0.5, 1.5, 6), rng.normal(0, 0.5, 6), rng.normal(0, 1, 6),
+             rng.uniform(0.5, 2, 6)]  # gamma, beta, moving mean, moving variance
+  return xs, [w.astype(np.float32) for w in weights]
+
+
+def np_bn_train_replay(xs, gamma, beta, mean, var, unbiased=True, eps=1e-5, momentum=0.1):
+  """PyTorch's BatchNorm2d training step, replayed in float64 on NHWC batches: normalise with the
+  batch mean and biased variance; running_mean += m (mu - running_mean); running_var moves to the
+  unbiased variance var_b · n/(n-1) (biased if ``unbiased=False``, Keras' rule).
+  Returns [(output, running_mean, running_var)] after each step."""
+  mean, var = np.float64(mean), np.float64(var)
+  steps = []
+  for x in xs:
+    x = np.float64(x)
+    n = x.size // x.shape[-1]
+    mu, var_b = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    y = gamma * (x - mu) / np.sqrt(var_b + eps) + beta
+    mean = (1 - momentum) * mean + momentum * mu
+    var = (1 - momentum) * var + momentum * var_b * (n / (n - 1) if unbiased else 1.0)
+    steps.append((y, mean, var))
+  return steps
+
+
+def _bn_scaled_err(a, e):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - e)) / max(1.0, np.max(np.abs(e))))
+
+
+def _check_bn_steps(got, xs, weights):
+  """got: [(output, moving_mean, moving_variance)] per step from Keras."""
+  ref = np_bn_train_replay(xs, *weights)
+  biased = np_bn_train_replay(xs, *weights, unbiased=False)
+  for step, (g, r, b) in enumerate(zip(got, ref, biased), start=1):
+    for what, a, e in zip(("output", "moving_mean", "moving_variance"), g, r):
+      err = _bn_scaled_err(a, e)
+      assert err <= 1e-6, f"step {step} {what}: scaled error {err:.2g}"
+    assert _bn_scaled_err(g[2], b[2]) > 1e-4  # Keras' biased rule would be told apart
+
+
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_bn_training_replays_pytorch_update(synchronized):
+  xs, weights = _bn_case()
+  bn = nets.layers.batch_norm("bn", synchronized)
+  bn.build((None, 5, 5, 6))
+  bn.set_weights(weights)
+  got = []
+  for x in xs:
+    y = bn(x, training=True)
+    got.append((y, bn.moving_mean.numpy(), bn.moving_variance.numpy()))
+  _check_bn_steps(got, xs, weights)
+  np.testing.assert_allclose(bn(xs[0], training=False),  # inference: the moving statistics
+                             (xs[0] - got[-1][1]) / np.sqrt(got[-1][2] + 1e-5) * weights[0]
+                             + weights[1], rtol=1e-5, atol=1e-5)
+
+
+def _sync_bn_child(out_path):
+  """Run in a fresh process (devices are fixed before TF starts): 3 steps of a synchronized BN
+  under MirroredStrategy on 2 logical CPUs, each replica holding half of every batch."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  xs, weights = _bn_case()
+  with strategy.scope():
+    bn = nets.layers.batch_norm("bn", synchronized=True)
+    bn.build((None, 5, 5, 6))
+    bn.set_weights(weights)
+
+  @tf.function
+  def step(x):
+    return strategy.run(lambda t: bn(t, training=True), args=(x,))
+
+  result = {"replicas": strategy.num_replicas_in_sync}
+  for i, x in enumerate(xs):
+    halves = strategy.experimental_distribute_values_from_function(
+        lambda ctx, x=x: x[2 * ctx.replica_id_in_sync_group:2 * ctx.replica_id_in_sync_group + 2])
+    y = strategy.experimental_local_results(step(halves))
+    result[f"y{i}"] = np.concatenate([np.asarray(t) for t in y])
+    result[f"mean{i}"], result[f"var{i}"] = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+  np.savez(out_path, **result)
+
+
+def test_synchronized_bn_under_two_replicas_replays_pytorch_update(tmp_path):
+  out = tmp_path / "sync_bn.npz"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "sync_bn", str(out)], env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = np.load(out)
+  assert int(res["replicas"]) == 2
+  xs, weights = _bn_case()  # the replay sees the global batch: n = 4·5·5 = 100 per channel
+  _check_bn_steps([(res[f"y{i}"], res[f"mean{i}"], res[f"var{i}"]) for i in range(3)], xs, weights)
 
 
 def test_frozen_model_runs_bn_in_inference_mode():
@@ -577,3 +682,7 @@ def test_convert_cli_infers_classes_and_round_trips(tmp_path, resnet8_state, cap
   assert convert_main([str(tmp_path / "nope.npz"), out, "--arch", "resnet8"]) == 2
   assert convert_main([src, out, "--arch", "resnet9"]) == 2
   assert "unknown net 'resnet9'" in capsys.readouterr().err
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sync_bn"]:
+  _sync_bn_child(sys.argv[2])
