@@ -269,7 +269,8 @@ def test_ofd_teacher_bn_uses_batch_statistics_and_keeps_the_teacher(nets_, batch
   g, b = _np(layers["bn1"].gamma), _np(layers["bn1"].beta)
   stem = np.maximum((conv - mean) / np.sqrt(var + 1e-5) * g + b, 0.0)
   np.testing.assert_allclose(_np(t.features[0]), stem, rtol=1e-4, atol=1e-4)
-  inference = distillers.create("OFD", student, teacher, teacher_bn="moving").teacher_outputs(images)
+  moving_bn = distillers.create("OFD", student, teacher, teacher_bn="moving")
+  inference = moving_bn.teacher_outputs(images)
   assert np.abs(_np(inference.features[0]) - stem).max() > 1e-2
   with pytest.raises(UsageError, match=r"OFD teacher_bn='train': accepted batch, moving"):
     distillers.create("OFD", student, teacher, teacher_bn="train")

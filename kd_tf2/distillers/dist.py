@@ -10,9 +10,9 @@ Defaults per protocol (``defaults_for``), from the authors' training configs (hu
 ``classification`` submodule hunto/image_classification_sota, ``lib/models/losses/kd_loss.py``
 ``KDLoss``: ``ori_loss_weight * CE + kd_loss_weight * DIST(beta=1, gamma=1, tau)``):
 
-  protocol   T   beta  gamma  method_weight   config
-  cifar      4   1     1      2               configs/strategies/distill/dist_cifar.yaml (kd: dist_t4)
-  imagenet   1   1     1      2               configs/strategies/distill/resnet_dist.yaml (kd: dist)
+  protocol   T   beta  gamma  method_weight   config (configs/strategies/distill/)
+  cifar      4   1     1      2               dist_cifar.yaml (kd: dist_t4)
+  imagenet   1   1     1      2               resnet_dist.yaml (kd: dist)
 
 (``kd_loss_weight: 2.`` in both; beta = gamma = 1 weighted by 2 is the paper's beta = gamma = 2.)
 The engine passes ``protocol`` from the dataset (``kd_tf2.distillers._pairs.dataset_protocol``:
@@ -61,7 +61,8 @@ class DIST(Distiller):
     defaults = self.defaults_for(protocol)
     super().__init__(student, teacher, **kwargs)
     self.protocol = protocol
-    explicit = dict(temperature=kwargs.get("temperature"), method_weight=kwargs.get("method_weight"),
+    explicit = dict(temperature=kwargs.get("temperature"),
+                    method_weight=kwargs.get("method_weight"),
                     beta=None if beta is None else _weight("beta", beta),
                     gamma=None if gamma is None else _weight("gamma", gamma))
     for key, value in defaults.items():

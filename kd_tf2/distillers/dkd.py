@@ -43,7 +43,8 @@ class DKD(Distiller):
   _CFG = "mdistiller configs/cifar100/dkd/"
   pair_defaults = {("vgg8", "vgg13"): {"beta": 6.0}, ("MobileNetV2", "vgg13"): {"beta": 6.0},
                    ("wrn_16_2", "wrn_40_2"): {"beta": 6.0}, ("wrn_40_1", "wrn_40_2"): {"beta": 6.0},
-                   ("resnet20", "resnet56"): {"beta": 2.0}, ("resnet32", "resnet110"): {"beta": 2.0}}
+                   ("resnet20", "resnet56"): {"beta": 2.0},
+                   ("resnet32", "resnet110"): {"beta": 2.0}}
   pair_sources = {("vgg8", "vgg13"): _CFG + "vgg13_vgg8.yaml",
                   ("MobileNetV2", "vgg13"): _CFG + "vgg13_mv2.yaml",
                   ("wrn_16_2", "wrn_40_2"): _CFG + "wrn40_2_wrn_16_2.yaml",
