@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers._pairs import apply_pair_defaults, describe
 from kd_tf2.distillers.base import Distiller
@@ -121,8 +122,7 @@ class ReviewKD(Distiller):
   def __init__(self, student, teacher, *, warmup_epochs=20, **kwargs):
     super().__init__(student, teacher, **kwargs)
     self._pair_applied = apply_pair_defaults(self, {"method_weight": kwargs.get("method_weight")})
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) \
-        or not warmup_epochs > 0:
+    if not is_number(warmup_epochs) or not warmup_epochs > 0:
       raise UsageError(f"ReviewKD warmup_epochs={warmup_epochs!r}: must be a number > 0")
     self.warmup_epochs = float(warmup_epochs)
 
