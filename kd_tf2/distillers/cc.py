@@ -22,6 +22,7 @@ The paper also adds an instance-level KD term (use ``--kd_weight``) and a class-
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -43,11 +44,11 @@ class CC(Distiller):
     super().__init__(student, teacher, **kwargs)
     if form not in FORMS:
       raise UsageError(f"CC form={form!r}: accepted: {', '.join(FORMS)}")
-    if isinstance(feat_dim, bool) or not isinstance(feat_dim, int) or feat_dim < 1:
+    if not is_int(feat_dim) or feat_dim < 1:
       raise UsageError(f"CC feat_dim={feat_dim!r}: must be an integer >= 1 (default 128)")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+    if not is_number(gamma) or gamma <= 0:
       raise UsageError(f"CC gamma={gamma!r}: must be a number > 0 (default 0.4)")
-    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+    if not is_int(order) or order < 0:
       raise UsageError(f"CC order={order!r}: must be an integer >= 0 (default 2)")
     self.form, self.feat_dim = form, feat_dim
     self.gamma, self.order = float(gamma), order
