@@ -3,7 +3,19 @@
 Defaults reproduce the reference benchmark (RepDistiller, METHODS.md §3): CIFAR-100, ST from a
 resnet32x4 teacher to a resnet8x4 student, 240 epochs, batch 64, SGD momentum 0.9, weight decay
 5e-4, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students) x0.1 at 62.5/75/87.5% of the
-epochs, the method's own loss weights. ``None`` means "the default of the method / the net".
+epochs, the method's own loss weights. ``None`` means "the default of the method / the net /
+the protocol".
+
+Two protocols (``--protocol``; ``auto`` picks ``imagenet`` for ImageNet-like dataset names,
+``imagenet2012``, ``imagenette``, ..., else ``cifar``) set the defaults of the schedule:
+
+  protocol   epochs  batch  lr                       weight decay  lr x0.1 at epochs
+  cifar      240     64     0.05 (0.01 MobileNet/Shuffle)  5e-4    150, 180, 210 (of 240, scaled)
+  imagenet   100     256    0.1                      1e-4          30, 60, 90 (of 100, scaled)
+
+(RepDistiller's CIFAR-100 protocol; the ImageNet protocol of CRD / ReviewKD / DKD / mdistiller
+``configs/imagenet``). Methods whose references publish ImageNet loss weights take them through
+their pair defaults (ST, DKD, ReviewKD: ``kd_tf2.distillers._pairs``) or their protocol (DIST).
 """
 import dataclasses
 import os
@@ -35,12 +47,13 @@ class TrainConfig:
   data_dir: str = ""
   fraction: float = 1.0
   seed: int = 0
-  epochs: int = 240
+  protocol: str = "auto"
+  epochs: int = None
   teacher_epochs: int = None
   init_epochs: int = None
-  batch_size: int = 64
+  batch_size: int = None
   lr: float = None
-  weight_decay: float = 5e-4
+  weight_decay: float = None
   momentum: float = 0.9
   ce_weight: float = None
   kd_weight: float = None
@@ -89,6 +102,10 @@ def validate(config):
   if not ok or not 0.0 < c.fraction <= 1.0:
     raise UsageError(f"--fraction={c.fraction!r}: must be in (0, 1]")
   _int("seed", c.seed, 0)
+  protocol = resolve_protocol(c.protocol, c.dataset)
+  schedule = PROTOCOLS[protocol]
+  c = c.replace(**{k: schedule[k] for k in ("epochs", "batch_size", "weight_decay")
+                   if getattr(c, k) is None})
   _int("epochs", c.epochs, 1)
   teacher_epochs = c.epochs if c.teacher_epochs is None else c.teacher_epochs
   _int("teacher_epochs", teacher_epochs, 1)
@@ -130,7 +147,7 @@ def validate(config):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch} peer from scratch together with the student; drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
-                   teacher_epochs=teacher_epochs,
+                   teacher_epochs=teacher_epochs, protocol=protocol,
                    dataset=c.dataset.strip(),
                    teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
@@ -166,6 +183,32 @@ def teacher_source(config):
   return "checkpoint" if config.teacher_ckpt else "train"
 
 
+PROTOCOLS = {
+    "cifar": dict(epochs=240, batch_size=64, weight_decay=5e-4, lr=None,
+                  milestones=(150, 180, 210), reference_epochs=240),
+    "imagenet": dict(epochs=100, batch_size=256, weight_decay=1e-4, lr=0.1,
+                     milestones=(30, 60, 90), reference_epochs=100),
+}
+
+
+def resolve_protocol(protocol, dataset):
+  """``cifar`` or ``imagenet``: ``protocol`` itself, or for ``auto`` the dataset's
+  (``kd_tf2.distillers._pairs.dataset_protocol``)."""
+  from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
+  accepted = ("auto",) + tuple(PROTOCOLS)
+  if not isinstance(protocol, str) or protocol.lower() not in accepted:
+    raise UsageError(f"--protocol={protocol!r}: accepted: {', '.join(accepted)}")
+  protocol = protocol.lower()
+  return dataset_protocol(dataset) if protocol == "auto" else protocol
+
+
+def schedule(config):
+  """``(milestones, reference_epochs)`` of the validated ``config``'s protocol: the learning rate
+  drops x0.1 at those epochs of a ``reference_epochs``-epoch run, scaled to ``--epochs``."""
+  p = PROTOCOLS[resolve_protocol(config.protocol, config.dataset)]
+  return p["milestones"], p["reference_epochs"]
+
+
 def log_every_n_steps(config, steps_per_epoch):
   """``--log_every_n_steps``, or by default 1/20 of an epoch for epochs of 500 steps and more
   (ImageNet at batch 256: every 250 steps), else 0 (one log line per epoch)."""
@@ -175,8 +218,12 @@ def log_every_n_steps(config, steps_per_epoch):
 
 
 def base_lr(config):
-  """``--lr`` or the benchmark's default for the student (``optim.default_lr``)."""
-  return config.lr if config.lr is not None else optim.default_lr(config.arch)
+  """``--lr``, else the protocol's (ImageNet 0.1), else the CIFAR benchmark's default for the
+  student (``optim.default_lr``)."""
+  if config.lr is not None:
+    return config.lr
+  protocol = resolve_protocol(config.protocol, config.dataset)
+  return PROTOCOLS[protocol]["lr"] or optim.default_lr(config.arch)
 
 
 def settings(config):
@@ -188,6 +235,8 @@ def settings(config):
     if out[name] is None:
       out[name] = getattr(cls, name)
   out["lr"] = base_lr(config)
+  if out["protocol"] == "cifar":  # recorded only when not the original benchmark's, so that
+    del out["protocol"]           # train dirs made before --protocol existed still resume
   source = teacher_source(config)
   if source is None:
     out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None)

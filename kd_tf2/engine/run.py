@@ -214,7 +214,7 @@ class _Job:
     return Trainer(
         strategy=self.strategy, student=student, distiller=distiller, train_data=train_data,
         test_data=self.test_ds, steps_per_epoch=steps, global_batch=c.batch_size,
-        epochs=c.epochs, base_lr=cfg.base_lr(c), momentum=c.momentum,
+        epochs=c.epochs, base_lr=cfg.base_lr(c), schedule=cfg.schedule(c), momentum=c.momentum,
         weight_decay=c.weight_decay, jit_compile=c.jit_compile, loss_scale=loss_scale,
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
