@@ -26,7 +26,8 @@ import numpy as np
 from kd_tf2.data import pipeline, sources, subset, transforms
 from kd_tf2.data.sources import available, check
 
-__all__ = ["AUGMENTS", "CACHES", "Info", "available", "check", "dataset_fn", "load"]
+__all__ = ["AUGMENTS", "CACHES", "Info", "available", "check", "dataset_fn", "load",
+           "subset_labels"]
 
 AUGMENTS = ("auto", "imagenet", "cifar", "none")
 CACHES = ("auto", "memory", "none")
@@ -94,7 +95,8 @@ def check_cache(cache):
 
 
 def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data_dir=None,
-         shuffle=None, drop_remainder=None, image_size=None, input_context=None, cache="auto"):
+         shuffle=None, drop_remainder=None, image_size=None, input_context=None, cache="auto",
+         style=None):
   """Builds the input pipeline of one split; returns ``(tf.data.Dataset, Info)``.
 
   Args:
@@ -122,13 +124,21 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
       are streamed, every epoch; ``auto``: memory for ``cifar``-style splits whose decoded
       samples take at most CACHE_BUDGET bytes, unless sharded by ``input_context``. synthetic and
       cifar10_mini are always in memory.
+    style: ``auto``, ``imagenet`` or ``cifar`` overrides the style named by ``augment`` (e.g.
+      ``augment=False, style="imagenet"``: the ImageNet evaluation transform on any split).
   """
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} is not an int >= 1")
   fraction = subset.check_fraction(fraction)
-  style, augment = _check_augment(augment)
+  style_of_augment, augment = _check_augment(augment)
+  if style is None:
+    style = style_of_augment
+  elif not isinstance(style, str) or style.lower() not in ("auto",) + transforms.STYLES:
+    raise ValueError(f"style={style!r} not accepted; accepted: auto, "
+                     f"{', '.join(transforms.STYLES)}")
+  style = style.lower()
   image_size = check_image_size(image_size)
   cache = check_cache(cache)
   training = split == "train"
@@ -182,6 +192,19 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
               splits=data.splits, subset_fingerprint=digest, style=style, cache=cache,
               stats=stats)
   return ds, info
+
+
+def subset_labels(name, split="train", *, fraction=1.0, seed=0, data_dir=None):
+  """int64 [split_size]: the label of every index of ``split``, -1 outside the ``fraction``
+  subset that ``load`` streams for the same (name, split, fraction, seed). Decodes no image."""
+  data = sources.listing(name, split, data_dir)
+  labels = np.full([len(data.labels)], -1, np.int64)
+  if split == "train":
+    indices = subset.balanced_subset(data.labels, data.class_names, fraction, seed)
+  else:
+    indices = np.arange(len(data.labels), dtype=np.int64)
+  labels[indices] = data.labels[indices]
+  return labels
 
 
 def _source(data, name, split, data_dir, indices, size, style, cache, sharded):
