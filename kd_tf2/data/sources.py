@@ -63,7 +63,7 @@ KNOWN_STATS[EMBEDDED] = KNOWN_STATS["cifar10"]
 # torchvision's ImageNet normalisation, used for every ImageNet-like tfds dataset.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_LIKE = ("imagenette", "imagewang")   # and every tfds name starting with "imagenet"
-STATS_SAMPLE = 1000    # images decoded to compute the normalisation of an unknown dataset
+STATS_SAMPLE = 500     # images decoded to compute the normalisation of an unknown dataset
 PROBE = 16             # images decoded to find a streamed split's image size
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what tfds' ImageFolder reads
 _PROBE_HOST = ("storage.googleapis.com", 443)    # where tfds fetches most datasets and metadata
@@ -312,9 +312,7 @@ def decode_subset(split_listing, positions, image_size=None, size_hw=None):
                        "resize them (shorter side to S, centre crop S x S)") from None
     bad = _first_undecodable_of(split_listing, positions)
     if bad is not None:
-      raise ValueError(f"{split_listing.what}: {bad} is not a readable image "
-                       f"({UndecodableImage(split_listing.what, error).reason}); remove it or "
-                       "replace it by a JPEG/PNG") from None
+      raise _unreadable(split_listing, bad, error) from None
     raise UndecodableImage(split_listing.what, error) from None
   if not chunks:
     raise ValueError(f"{split_listing.what} holds no images")
@@ -324,12 +322,20 @@ def decode_subset(split_listing, positions, image_size=None, size_hw=None):
 def _first_undecodable_of(split_listing, positions):
   if split_listing.kind != "files":
     return None
-  for path in split_listing.paths[positions]:
+  for path in sorted(split_listing.paths[positions]):  # the first in file-name order
     try:
       tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
     except tf.errors.OpError:
       return path
   return None
+
+
+def _unreadable(split_listing, path, error):
+  """The one-line ValueError for an image file of a folder that TF cannot decode."""
+  root = split_listing.root
+  return ValueError(f"folder:{root}: {os.path.relpath(path, root)} is not a readable image "
+                    f"({UndecodableImage(path, error).reason}); remove it or replace it by a "
+                    "JPEG/PNG")
 
 
 def _probe_shape(split_listing):
@@ -342,10 +348,9 @@ def _probe_shape(split_listing):
       shapes.add(image.shape)
   except tf.errors.OpError as error:
     bad = _first_undecodable_of(split_listing, positions)
-    where = bad or split_listing.what
-    raise ValueError(f"{where} is not a readable image "
-                     f"({UndecodableImage(where, error).reason}); remove it or replace it by a "
-                     "JPEG/PNG") from None
+    if bad is None:
+      raise UndecodableImage(split_listing.what, error) from None
+    raise _unreadable(split_listing, bad, error) from None
   return shapes.pop() if len(shapes) == 1 else None
 
 
@@ -396,6 +401,7 @@ def _list_folder(root, split):
   labels = np.array([y for _, y in items], np.int64)
   out = Listing("files", labels, class_names, splits, 3, paths=paths,
                 what=f"folder:{root} {split}")
+  out.root = root
   out.image_shape = _probe_shape(out)
   return out
 
