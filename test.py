@@ -33,13 +33,10 @@ def trained_setting(path, name):
   """The value of setting ``name`` (dataset, image_size, augment) a train dir was made with, or
   None."""
   from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
-  flags_file = os.path.join(path, rundir.FLAGS_FILE)
-  if not os.path.isfile(flags_file):
-    return None
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
   try:
-    with open(flags_file) as f:
-      return json.load(f)["settings"][name]
-  except (OSError, ValueError, KeyError, TypeError):
+    return (rundir.RunDir(path).settings() or {}).get(name)
+  except UsageError:
     return None
 
 
