@@ -15,7 +15,6 @@ import shutil
 import tempfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import data as kd_data
