@@ -353,3 +353,19 @@ def test_data_flags_in_settings():
   assert "cache" not in cfg.settings(base.replace(cache="none"))  # operational
   assert cfg.settings(base.replace(image_size=64))["image_size"] == 64
   assert cfg.settings(cfg.validate(base.replace(augment="CIFAR")))["augment"] == "cifar"
+
+
+def test_train_records_the_data_settings(tmp_path):
+  """--image_size/--augment reach the pipeline; results.json records the normalisation and the
+  image size; evaluation of the export uses the same size."""
+  name = "synthetic:classes=3,train=32,test=12,size=8"
+  results = engine.train(engine.TrainConfig(
+      method="none", arch="resnet8", dataset=name, epochs=1, batch_size=16, image_size=12,
+      augment="cifar", cache="none", verbose=False, train_dir=str(tmp_path / "run")))
+  split = sources.read(name, "train")
+  assert results["image_shape"] == [12, 12, 3] and results["augment_style"] == "cifar"
+  assert results["normalization"] == "computed"
+  np.testing.assert_allclose(results["mean"], split.pixel_stats[0])
+  np.testing.assert_allclose(results["std"], split.pixel_stats[1])
+  again = engine.evaluate(str(tmp_path / "run"), name, image_size=12)
+  assert again["n"] == 12 and again["top1"] == pytest.approx(results["top1"])

@@ -109,9 +109,8 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
     ds = source.records().enumerate().filter(lambda i, _: keep[i])
     buffer = min(len(indices), SHUFFLE_BUFFER)
   else:
+    # Where each image is: its row of source.images (memory) or of source.paths (files).
     payload = indices if image_rows is None else np.asarray(image_rows, np.int64)
-    if source.kind == "files":
-      payload = indices  # a row of source.paths
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(indices), tf.constant(payload)))
     buffer = len(indices)
   if shuffle:

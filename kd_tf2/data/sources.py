@@ -43,7 +43,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
-from kd_tf2.data import synthetic
+from kd_tf2.data import synthetic, transforms
 
 EMBEDDED = "cifar10_mini"
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -239,7 +239,7 @@ def _sampled_stats(split_listing):
   else:
     positions = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
   hists = np.zeros((split_listing.channels, 256), np.int64)
-  for image in _decode_stream(split_listing, positions, None).as_numpy_iterator():
+  for image in _decode_stream(split_listing, positions).as_numpy_iterator():
     for c in range(split_listing.channels):
       hists[c] += np.bincount(image[..., c].ravel(), minlength=256)
   levels = np.arange(256, dtype=np.float64) / 255.0
@@ -271,37 +271,29 @@ def encoded_stream(split_listing, positions):
   return ds
 
 
-def _decode_stream(split_listing, positions, image_size):
-  ds = encoded_stream(split_listing, positions)
+def _decode_stream(split_listing, positions):
+  """Dataset of the uint8 [H, W, C] images at ``positions`` of a files/records listing."""
   channels = split_listing.channels
-
-  def one(encoded):
-    image = decode(encoded, channels)
-    if image_size is not None:
-      from kd_tf2.data import transforms  # pylint: disable=import-outside-toplevel
-      image = transforms.fit(image, image_size, image_size)
-    return image
-  return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return encoded_stream(split_listing, positions).map(
+      lambda encoded: decode(encoded, channels), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
 
 
 def decode_subset(split_listing, positions, image_size=None, size_hw=None):
   """uint8 [len(positions), H, W, C]: the images at ``positions`` (sorted), decoded in parallel,
-  fitted to image_size x image_size (or to ``size_hw``) if given, else at their common size."""
+  fitted (``transforms.fit``) to image_size x image_size or to ``size_hw`` = (H, W) if given, else
+  at their common size."""
+  if size_hw is None and image_size is not None:
+    size_hw = (image_size, image_size)
   if split_listing.kind == "memory":
-    images = split_listing.images[positions]
-    if image_size is None and size_hw is None:
-      return images
+    if size_hw is None:
+      return split_listing.images[positions]
+    ds = tf.data.Dataset.from_tensor_slices(split_listing.images[positions])
+  else:
+    ds = _decode_stream(split_listing, positions)
   if size_hw is not None:
-    image_size = None
-  ds = (_decode_stream(split_listing, positions, image_size) if split_listing.kind != "memory"
-        else tf.data.Dataset.from_tensor_slices(images))
-  if size_hw is not None:
-    from kd_tf2.data import transforms  # pylint: disable=import-outside-toplevel
-    ds = ds.map(lambda x: transforms.fit(x, *size_hw), num_parallel_calls=tf.data.AUTOTUNE)
-  elif split_listing.kind == "memory":
-    from kd_tf2.data import transforms  # pylint: disable=import-outside-toplevel
-    ds = ds.map(lambda x: transforms.fit(x, image_size, image_size),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x: transforms.fit(x, *size_hw), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
   chunks = []
   try:
     for x in ds.batch(256).prefetch(2).as_numpy_iterator():
@@ -344,7 +336,7 @@ def _probe_shape(split_listing):
   positions = np.unique(np.linspace(0, n - 1, min(n, PROBE)).round().astype(np.int64))
   shapes = set()
   try:
-    for image in _decode_stream(split_listing, positions, None).as_numpy_iterator():
+    for image in _decode_stream(split_listing, positions).as_numpy_iterator():
       shapes.add(image.shape)
   except tf.errors.OpError as error:
     bad = _first_undecodable_of(split_listing, positions)

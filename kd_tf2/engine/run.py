@@ -57,7 +57,7 @@ def engine_hparams(method_cls, config):
 
 def train_labels(config):
   """int64 [split_size]: the label of every sample index of the training split, -1 for the
-  samples outside the ``--fraction`` subset (read once through the data pipeline)."""
+  samples outside the ``--fraction`` subset (from the split's listing: no image decoded)."""
   try:
     return kd_data.subset_labels(config.dataset, "train", fraction=config.fraction,
                                  seed=config.seed, data_dir=config.data_dir or None)
