@@ -294,10 +294,15 @@ def decode_subset(split_listing, positions, image_size=None, size_hw=None):
   if size_hw is not None:
     ds = ds.map(lambda x: transforms.fit(x, *size_hw), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
-  chunks = []
+  out, filled = None, 0
   try:
     for x in ds.batch(256).prefetch(2).as_numpy_iterator():
-      chunks.append(x)
+      if out is None:  # one array filled in place: no second copy at the peak
+        out = np.empty((len(positions),) + x.shape[1:], x.dtype)
+      if x.shape[1:] != out.shape[1:]:
+        raise tf.errors.InvalidArgumentError(None, None, "different shapes")
+      out[filled:filled + len(x)] = x
+      filled += len(x)
   except tf.errors.InvalidArgumentError as error:
     if "different shapes" in str(error) or "Cannot batch tensors" in str(error):
       raise ValueError(f"images of {split_listing.what} differ in size; pass image_size=S to "
@@ -306,9 +311,9 @@ def decode_subset(split_listing, positions, image_size=None, size_hw=None):
     if bad is not None:
       raise _unreadable(split_listing, bad, error) from None
     raise UndecodableImage(split_listing.what, error) from None
-  if not chunks:
+  if out is None:
     raise ValueError(f"{split_listing.what} holds no images")
-  return np.concatenate(chunks)
+  return out
 
 
 def _first_undecodable_of(split_listing, positions):
