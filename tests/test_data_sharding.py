@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kd_tf2.data as data
 from test_data_streaming import make_folder  # pylint: disable=wrong-import-order
@@ -25,6 +26,8 @@ from kd_tf2.engine.strategy import make_strategy
 from kd_tf2 import data
 from kd_tf2.data import pipeline
 strategy = make_strategy("multi_worker", cluster_timeout=60)
+import tensorflow as tf
+tf.random.set_seed(7)  # the shuffle and augmentation seeds depend on TF's global seed too
 seen = []
 pipeline.decode_hook = lambda: seen.append(1)
 make = data.dataset_fn(sys.argv[1], "train", batch_size=8, seed=3, image_size=int(sys.argv[2]))
@@ -59,6 +62,7 @@ def test_two_workers_each_decode_half(tmp_path, image_size):
     assert p.returncode == 0, f"exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
   workers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
+  tf.random.set_seed(7)  # as the workers: other tests of this process may have set another
   whole, info = data.load(name, "train", batch_size=8, seed=3, image_size=image_size)
   full = list(whole.as_numpy_iterator()) + list(whole.as_numpy_iterator())  # two epochs
   assert info.num_batches == 4 and len(full) == 8
