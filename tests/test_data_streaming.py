@@ -244,7 +244,7 @@ def reference_box(h, w, u):
 @pytest.mark.parametrize("h,w", [(350, 400), (64, 64), (10, 300), (300, 12), (5, 7)])
 def test_random_resized_crop_box_is_torchvision_rule(h, w):
   areas, ratios = [], []
-  for s in range(200):
+  for s in range(80):
     seed = tf.constant([s, 1], tf.int64)
     got = [int(v) for v in transforms.random_resized_crop_box(h, w, seed)]
     u = tf.random.stateless_uniform([10, 4], seed=seed).numpy().astype(np.float64)
