@@ -16,6 +16,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from kd_tf2 import cli  # noqa: E402
+from kd_tf2.errors import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "A train dir or a .keras file.")
@@ -49,19 +50,20 @@ def evaluate():
   """(model, dataset, result) of the flags; raises on bad input."""
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
   if not FLAGS.model:
-    raise ValueError("--model is required: a train dir or a .keras file")
+    raise UsageError("--model is required: a train dir or a .keras file")
   if FLAGS.batch_size < 1:
-    raise ValueError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
+    raise UsageError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
   from kd_tf2 import data  # pylint: disable=import-outside-toplevel
   if FLAGS.image_size is not None and FLAGS.image_size < 1:
-    raise ValueError(f"--image_size={FLAGS.image_size}: must be an integer >= 1 (pixels per side)")
+    raise UsageError(f"--image_size={FLAGS.image_size}: must be an integer >= 1 (pixels per "
+                     "side)")
   if FLAGS.augment and FLAGS.augment.lower() not in data.AUGMENTS:
-    raise ValueError(f"--augment={FLAGS.augment!r}: accepted: {', '.join(data.AUGMENTS)}")
+    raise UsageError(f"--augment={FLAGS.augment!r}: accepted: {', '.join(data.AUGMENTS)}")
   model = engine.load_model(FLAGS.model)
   train_dir = os.path.isdir(FLAGS.model)
   dataset = FLAGS.dataset or (train_dir and trained_dataset(FLAGS.model))
   if not dataset:
-    raise ValueError("--dataset is required (the model is not a train dir that records it)")
+    raise UsageError("--dataset is required (the model is not a train dir that records it)")
   image_size = FLAGS.image_size or (train_dir and trained_setting(FLAGS.model, "image_size")
                                     or None)
   augment = (FLAGS.augment or (train_dir and trained_setting(FLAGS.model, "augment"))

@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from kd_tf2.checks import is_int
 from kd_tf2.data import pipeline, sources, subset, transforms
 from kd_tf2.data.sources import available, check
 
@@ -81,8 +82,7 @@ def _check_augment(augment):
 
 def check_image_size(image_size):
   """``image_size`` if None or an int >= 1, else ValueError."""
-  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                 or image_size < 1):
+  if image_size is not None and (not is_int(image_size) or image_size < 1):
     raise ValueError(f"image_size={image_size!r} is not accepted; accepted: a positive int "
                      "(pixels per side), or None for the native size")
   return image_size
@@ -127,9 +127,9 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
     style: ``auto``, ``imagenet`` or ``cifar`` overrides the style named by ``augment`` (e.g.
       ``augment=False, style="imagenet"``: the ImageNet evaluation transform on any split).
   """
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+  if not is_int(seed) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+  if not is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} is not an int >= 1")
   fraction = subset.check_fraction(fraction)
   style_of_augment, augment = _check_augment(augment)

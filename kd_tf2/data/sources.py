@@ -43,6 +43,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
+from kd_tf2.checks import is_int
 from kd_tf2.data import synthetic, transforms
 
 EMBEDDED = "cifar10_mini"
@@ -185,8 +186,7 @@ def read(name, split, data_dir=None, image_size=None):
   image_size: fit every image to image_size x image_size (shorter side, centre crop); required if
   the images differ in size.
   """
-  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                 or image_size < 1):
+  if image_size is not None and (not is_int(image_size) or image_size < 1):
     raise ValueError(f"image_size={image_size!r} is not a positive int (or None: native size)")
   base = listing(name, split, data_dir)
   if base.kind == "memory" and (image_size is None or base.image_shape[:2] == (image_size,) * 2):
