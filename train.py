@@ -32,6 +32,13 @@ flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-cl
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
 flags.DEFINE_float("fraction", 1.0, "Class-balanced fraction of the training set, in (0, 1].")
+flags.DEFINE_integer("image_size", None, "Train and evaluate on S x S images (default: the "
+                     "native size; required for folders of mixed sizes).")
+flags.DEFINE_string("augment", "auto", "auto | imagenet | cifar | none: the training augmentation "
+                    "(auto: imagenet - RandomResizedCrop + flip, evaluation resize + centre crop - "
+                    "for images of 64 px and more, else cifar - pad 4, crop, flip).")
+flags.DEFINE_string("cache", "auto", "auto | memory | none: keep the decoded images in memory, or "
+                    "decode them as streamed (auto: memory for small CIFAR-style data).")
 flags.DEFINE_integer("seed", 0, "Seed of the subset, shuffling, augmentation and initialisation.")
 flags.DEFINE_string("protocol", "auto", "auto | cifar | imagenet: the defaults of the schedule "
                     "(cifar: 240 epochs, batch 64, wd 5e-4, lr x0.1 at 62.5/75/87.5%; imagenet: "
@@ -75,7 +82,8 @@ flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this m
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "dataset", "data_dir", "fraction",
-           "seed", "protocol", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
+           "image_size", "augment", "cache", "seed", "protocol", "epochs", "teacher_epochs",
+           "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
            "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
            "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")

@@ -23,6 +23,7 @@ import re
 
 import nets
 from kd_tf2 import distillers
+from kd_tf2.data import AUGMENTS, CACHES
 from kd_tf2 import optim
 from kd_tf2.checks import is_int, is_number
 from kd_tf2.engine.strategy import (DEFAULT_CLUSTER_TIMEOUT, STRATEGIES, check_cluster_timeout,
@@ -33,7 +34,10 @@ from kd_tf2.errors import UsageError
 # between a run and its resumption.
 _OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
                 "cluster_timeout", "log_every_n_steps", "checkpoint_every_n_steps",
-                "checkpoint_every_minutes")
+                "checkpoint_every_minutes", "cache")
+# Data flags recorded in the settings only when not at their default, so that train dirs made
+# before they existed still resume.
+_DATA_DEFAULTS = {"image_size": None, "augment": "auto"}
 
 
 @dataclasses.dataclass
@@ -46,6 +50,9 @@ class TrainConfig:
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
+  image_size: int = None
+  augment: str = "auto"
+  cache: str = "auto"
   seed: int = 0
   protocol: str = "auto"
   epochs: int = None
@@ -101,6 +108,9 @@ def validate(config):
   ok = is_number(c.fraction)
   if not ok or not 0.0 < c.fraction <= 1.0:
     raise UsageError(f"--fraction={c.fraction!r}: must be in (0, 1]")
+  if c.image_size is not None:
+    _int("image_size", c.image_size, 1)
+  augment, cache = _choice("augment", c.augment, AUGMENTS), _choice("cache", c.cache, CACHES)
   _int("seed", c.seed, 0)
   protocol = resolve_protocol(c.protocol, c.dataset)
   schedule = PROTOCOLS[protocol]
@@ -147,10 +157,17 @@ def validate(config):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch} peer from scratch together with the student; drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
-                   teacher_epochs=teacher_epochs, protocol=protocol,
+                   teacher_epochs=teacher_epochs, protocol=protocol, augment=augment,
+                   cache=cache,
                    dataset=c.dataset.strip(),
                    teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
+
+
+def _choice(flag, value, accepted):
+  if not isinstance(value, str) or value.lower() not in accepted:
+    raise UsageError(f"--{flag}={value!r}: accepted: {', '.join(accepted)}")
+  return value.lower()
 
 
 def _net_name(flag, name):
@@ -231,6 +248,9 @@ def settings(config):
   same train dir must repeat exactly to be allowed to resume."""
   cls = distillers.get(config.method)
   out = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OPERATIONAL}
+  for name, default in _DATA_DEFAULTS.items():
+    if out[name] == default:
+      del out[name]
   for name in ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs"):
     if out[name] is None:
       out[name] = getattr(cls, name)
