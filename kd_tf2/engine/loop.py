@@ -239,6 +239,17 @@ class Trainer:
       return self.strategy.distribute_datasets_from_function(lambda ic: make(ic).skip(skip))
     return self.strategy.experimental_distribute_dataset(self.train_data.skip(skip))
 
+  def _fast_forward_input(self, epochs):
+    """Draw, and drop, the randomness of the ``epochs`` epochs a resumed run already trained.
+
+    Every iteration of the training data reshuffles and re-augments it (seeded by ``--seed``, in
+    the order of iterations); creating an iterator is what draws them. So a run resumed at epoch
+    ``e`` (step ``s``) creates ``e`` iterators first, then trains epoch ``e`` on the batches an
+    uninterrupted run would have had, skipping the ``s`` already trained: the same batches,
+    sample for sample."""
+    for _ in range(epochs):
+      iter(self._distributed_train_data(0))
+
   # ------------------------------------------------------------------ loop
   def _locate(self, epoch):
     """(phase, epoch within the phase) of global 0-based ``epoch``."""
@@ -356,6 +367,7 @@ class Trainer:
   def fit(self):
     """Run (or resume) every phase. Returns the results dict (last and best test accuracy...)."""
     done, skip = self.restore()
+    self._fast_forward_input(done)
     if self.on_start is not None:
       self.on_start(done)
     if done or skip:
