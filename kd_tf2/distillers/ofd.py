@@ -112,6 +112,8 @@ def teacher_preact_batchnorms(model):
   ``model.torch_layers()`` (NETS.md §4). Returns a list of ``keras.layers.BatchNormalization``,
   one per stage. A family without a known mapping raises ``UsageError``."""
   family = type(model).__name__
+  if hasattr(model, "preact_batchnorms"):  # kd_tf2.adapt models find theirs in the Keras graph
+    return model.preact_batchnorms()
   if family not in _LOCATORS:
     raise UsageError(f"OFD cannot locate the BatchNorm before the preacts of "
                      f"{getattr(model, 'arch', model.name)} (family {family}); "
