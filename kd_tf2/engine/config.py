@@ -6,6 +6,7 @@ resnet32x4 teacher to a resnet8x4 student, 240 epochs, batch 64, SGD momentum 0.
 epochs, the method's own loss weights. ``None`` means "the default of the method / the net".
 """
 import dataclasses
+import difflib
 import os
 import re
 
@@ -27,8 +28,10 @@ class TrainConfig:
   """Every setting of a run. See ``train.py --help`` for each one."""
   method: str = "ST"
   arch: str = "resnet8x4"
-  teacher_arch: str = "resnet32x4"
+  teacher_arch: str = None
   teacher_ckpt: str = ""
+  teacher_features: str = ""
+  student_features: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -77,7 +80,13 @@ def validate(config):
   c = config
   method = distillers.canonical_name(c.method)
   arch = _net_name("arch", c.arch)
-  teacher_arch = _net_name("teacher_arch", c.teacher_arch)
+  if c.teacher_arch:
+    teacher_arch = _net_name("teacher_arch", c.teacher_arch)
+  else:  # read from --teacher_ckpt; the default net when the teacher is trained here
+    teacher_arch = None if c.teacher_ckpt else DEFAULT_TEACHER
+  for flag in ("teacher_features", "student_features"):
+    if not isinstance(getattr(c, flag), str):
+      raise UsageError(f"--{flag}={getattr(c, flag)!r}: must be comma-separated layer names")
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
   ok = isinstance(c.fraction, (int, float)) and not isinstance(c.fraction, bool)
@@ -124,17 +133,48 @@ def validate(config):
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
 
 
+DEFAULT_TEACHER = "resnet32x4"
+
+
+def is_model_file(name):
+  """Whether a net name is a Keras model file (``PATH.keras``) rather than a zoo name."""
+  return isinstance(name, str) and name.strip().lower().endswith(".keras")
+
+
 def _net_name(flag, name):
+  """The zoo spelling of ``name``, or the absolute path of a ``.keras`` model file."""
+  if is_model_file(name):
+    path = os.path.abspath(os.path.expanduser(name.strip()))
+    if not os.path.isfile(path):
+      raise UsageError(f"--{flag}={name}: no such model file")
+    return path
   try:
     return nets.canonical_name(name)
   except ValueError as e:
-    raise UsageError(f"--{flag}: {e}") from None
+    raise UsageError(f"--{flag}: {e}{did_you_mean(name, nets.available())}") from None
+
+
+def did_you_mean(name, known):
+  """``" - did you mean X?"`` for the closest known names (case-insensitive), else ``""``."""
+  if not isinstance(name, str):
+    return ""
+  lowered = {k.lower(): k for k in known}
+  close = difflib.get_close_matches(name.strip().lower(), list(lowered), n=2, cutoff=0.6)
+  return f" - did you mean {' or '.join(lowered[k] for k in close)}?" if close else ""
+
+
+def net_label(name):
+  """A short label of a net name or model file (its base name without extension), for messages."""
+  if name and (is_model_file(name) or os.sep in name):
+    name = os.path.splitext(os.path.basename(name.rstrip(os.sep)))[0]
+  return name
 
 
 def default_train_dir(c, method, arch, teacher_arch):
   """``runs/<dataset>/<method>_<teacher>_<student>_seed<seed>`` (no teacher part for ``none``)."""
   data = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(c.dataset.rstrip("/\\")) or "data")
-  pair = arch if method == "none" else f"{teacher_arch}_{arch}"
+  teacher = net_label(teacher_arch) or net_label(c.teacher_ckpt) or "teacher"
+  pair = net_label(arch) if method == "none" else f"{teacher}_{net_label(arch)}"
   return os.path.join("runs", data, f"{method}_{pair}_seed{c.seed}")
 
 
@@ -172,7 +212,7 @@ def settings(config):
   out["lr"] = base_lr(config)
   source = teacher_source(config)
   if source is None:
-    out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None)
+    out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None, teacher_features="")
   elif source != "train":
     out["teacher_epochs"] = None
   return out
@@ -181,6 +221,7 @@ def settings(config):
 def teacher_config(config):
   """The config of the teacher trained into ``TRAIN_DIR/teacher`` when no checkpoint is given."""
   return config.replace(method="none", arch=config.teacher_arch, epochs=config.teacher_epochs,
+                        student_features=config.teacher_features, teacher_features="",
                         teacher_ckpt="", init_epochs=None, lr=None, ce_weight=None,
                         kd_weight=None, method_weight=None, temperature=None,
                         train_dir=os.path.join(config.train_dir, "teacher"))
