@@ -20,8 +20,8 @@ Taps are layer names: the output of each named layer (a layer called once). With
 A model whose taps cannot be found is refused with one ``UsageError`` line naming what is missing
 and the argument that names it. Zoo nets (anything whose ``call`` takes ``features=``) pass through
 unchanged. The adapted model shares the source's layers and weights; it is a ``keras.Model``
-(``predict``/``evaluate``/``save`` work) and reloads with ``keras.saving.load_model`` wherever
-``kd_tf2`` is installed.
+(``predict``/``evaluate``/``save`` work) and reloads with ``keras.saving.load_model`` once
+``kd_tf2.adapter`` is imported; ``logits_model()`` is the plain-Keras export (no import needed).
 """
 import inspect
 
@@ -341,6 +341,19 @@ class Adapted(keras.Model):
                          f"{self.arch}; pass adapt(..., preacts=[BatchNormalization layer names])")
       out.append(bn)
     return out
+
+  def logits_model(self):
+    """A plain functional ``keras.Model`` image -> logits made of the source's own (built-in)
+    layers, sharing their weights; a ``Dense(softmax)`` classifier becomes a linear copy holding
+    its current weights. It loads with ``keras.saving.load_model`` where only Keras is installed
+    (the engine exports adapted students this way)."""
+    logits, emb = self.taps.outputs[0], self.taps.outputs[1]
+    if self._softmax_in_dense:
+      dense = self.classifier
+      linear = keras.layers.Dense(dense.units, use_bias=dense.use_bias, name=f"{dense.name}_logits")
+      logits = linear(emb)
+      linear.set_weights(dense.get_weights())
+    return keras.Model(self.taps.inputs, logits, name=self.source.name)
 
   def get_config(self):
     return {"name": self.name, "trainable": self.trainable,

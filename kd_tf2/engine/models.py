@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import nets
-from kd_tf2.adapter import adapt
+from kd_tf2.adapter import Adapted, adapt
 from kd_tf2.engine import rundir
 from kd_tf2.errors import UsageError
 
@@ -165,7 +165,10 @@ def export(model, run, input_shape, keras_file=None, info=None):
   into ``run``. The SavedModel's ``serve`` takes normalised float32 images [B, H, W, C];
   with ``info`` (the dataset's ``mean``/``std``) its ``serving_default`` (= ``serve_uint8``) takes
   raw uint8 pixels and normalises them as training did: ``(x / 255 - mean) / std``."""
-  model.save(keras_file or run.keras_file)
+  # An adapted model is saved as its own functional logits model: built-in Keras layers only, so
+  # it loads with keras.saving.load_model where only Keras is installed. Zoo nets need ``nets``.
+  to_save = model.logits_model() if isinstance(model, Adapted) else model
+  to_save.save(keras_file or run.keras_file)
   shape = (None,) + tuple(int(d) for d in input_shape)
   archive = keras.export.ExportArchive()
   archive.track(model)

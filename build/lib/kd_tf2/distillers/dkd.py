@@ -1,0 +1,61 @@
+"""DKD - decoupled knowledge distillation.
+
+Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022, arXiv:2203.08679.
+METHODS.md §2.15 / §3, mdistiller's defaults: ``CE + warm * method_weight * dkd(z_s, z_t, y,
+alpha, beta, T)`` on the logits [B, K] (equal K) and labels [B], alpha 1, beta 8, T 4 (the
+``temperature`` shared with the KD term), CE weight 1, no separate KD term, method weight 1.
+mdistiller's configs change beta per pair (6 for vgg13->vgg8 and wrn40_2->wrn16_2 / wrn40_1, 2 for
+res56->res20 and res110->res32; ImageNet T 1); pass ``beta`` / ``--temperature`` for those.
+
+Warm-up (mdistiller): ``warm = min(epoch / warmup, 1)`` with mdistiller's 1-based epoch, i.e.
+``min((self.epoch + 1) / warmup, 1)`` with the engine's 0-based ``self.epoch``; warmup = 20 epochs
+(CIFAR; mdistiller uses 1 on ImageNet). ``warmup=0`` disables it. The factor changes per epoch,
+never inside one.
+
+Per replica: the loss is a mean over this replica's samples (no batch relation).
+"""
+import tensorflow as tf
+
+from kd_tf2 import losses as kd_losses
+from kd_tf2.distillers import register
+from kd_tf2.distillers.base import Distiller
+from kd_tf2.errors import UsageError
+
+
+def _number(name, value, minimum=0.0):
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+    raise UsageError(f"DKD {name}={value!r}: must be a number >= {minimum:g}")
+  return float(value)
+
+
+@register("DKD")
+class DKD(Distiller):
+  """{"dkd": warm(epoch) * method_weight * (alpha * TCKD + beta * NCKD)}."""
+  method_weight = 1.0
+  temperature = 4.0
+
+  def __init__(self, student, teacher, *, alpha=1.0, beta=8.0, warmup=20, **kwargs):
+    super().__init__(student, teacher, **kwargs)
+    self.alpha = _number("alpha", alpha)
+    self.beta = _number("beta", beta)
+    self.warmup = _number("warmup", warmup)
+
+  def build_connectors(self, s, t):
+    if s.logits.shape[-1] != t.logits.shape[-1]:
+      raise UsageError(f"DKD needs the same number of classes: student {self.student.arch} "
+                       f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
+                       f"{t.logits.shape[-1]}")
+
+  def warm(self):
+    """min((epoch + 1) / warmup, 1) as a float32 scalar (1 when warmup is 0)."""
+    if not self.warmup:
+      return tf.constant(1.0)
+    return tf.minimum((tf.cast(self.epoch, tf.float32) + 1.0) / self.warmup, 1.0)
+
+  def losses(self, s, t, labels, images, *, training=True):
+    loss = kd_losses.dkd(s.logits, t.logits, labels, alpha=self.alpha, beta=self.beta,
+                         temperature=self.temperature)
+    return {"dkd": self.warm() * self.method_weight * loss}
+
+  def hparams(self):
+    return dict(super().hparams(), alpha=self.alpha, beta=self.beta, warmup=self.warmup)

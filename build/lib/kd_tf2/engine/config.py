@@ -1,0 +1,227 @@
+"""What one training run is: ``TrainConfig`` (the flags of ``train.py``) and its validation.
+
+Defaults reproduce the reference benchmark (RepDistiller, METHODS.md §3): CIFAR-100, ST from a
+resnet32x4 teacher to a resnet8x4 student, 240 epochs, batch 64, SGD momentum 0.9, weight decay
+5e-4, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students) x0.1 at 62.5/75/87.5% of the
+epochs, the method's own loss weights. ``None`` means "the default of the method / the net".
+"""
+import dataclasses
+import difflib
+import os
+import re
+
+import nets
+from kd_tf2 import distillers
+from kd_tf2 import optim
+from kd_tf2.engine.strategy import (DEFAULT_CLUSTER_TIMEOUT, STRATEGIES, check_cluster_timeout,
+                                   check_multi_worker_replicas)
+from kd_tf2.errors import UsageError
+
+# Flags that change the experiment; the others (where data lives, how it is executed) may change
+# between a run and its resumption.
+_OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
+                "cluster_timeout")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Every setting of a run. See ``train.py --help`` for each one."""
+  method: str = "ST"
+  arch: str = "resnet8x4"
+  teacher_arch: str = None
+  teacher_ckpt: str = ""
+  teacher_features: str = ""
+  student_features: str = ""
+  dataset: str = "cifar100"
+  data_dir: str = ""
+  fraction: float = 1.0
+  seed: int = 0
+  epochs: int = 240
+  teacher_epochs: int = None
+  init_epochs: int = None
+  batch_size: int = 64
+  lr: float = None
+  weight_decay: float = 5e-4
+  momentum: float = 0.9
+  ce_weight: float = None
+  kd_weight: float = None
+  method_weight: float = None
+  temperature: float = None
+  train_dir: str = ""
+  strategy: str = "auto"
+  cpu_replicas: int = 1
+  cluster_timeout: float = DEFAULT_CLUSTER_TIMEOUT
+  jit_compile: bool = False
+  mixed_precision: bool = False
+  verbose: bool = True
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
+def _int(name, value, low):
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise UsageError(f"--{name}={value!r}: must be an integer >= {low}")
+
+
+def _number(name, value, low, inclusive=True):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and (value >= low if inclusive else value > low)
+  if not ok:
+    raise UsageError(f"--{name}={value!r}: must be a number {'>=' if inclusive else '>'} {low}")
+
+
+def validate(config):
+  """Check every value that can be checked without data or nets; canonicalise names.
+
+  Returns a new config with the method and net names spelled as their registries spell them.
+  Raises ``UsageError`` naming the bad value and the accepted ones.
+  """
+  c = config
+  method = distillers.canonical_name(c.method)
+  arch = _net_name("arch", c.arch)
+  if c.teacher_arch:
+    teacher_arch = _net_name("teacher_arch", c.teacher_arch)
+  else:  # read from --teacher_ckpt; the default net when the teacher is trained here
+    teacher_arch = None if c.teacher_ckpt else DEFAULT_TEACHER
+  for flag in ("teacher_features", "student_features"):
+    if not isinstance(getattr(c, flag), str):
+      raise UsageError(f"--{flag}={getattr(c, flag)!r}: must be comma-separated layer names")
+  if not isinstance(c.dataset, str) or not c.dataset.strip():
+    raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
+  ok = isinstance(c.fraction, (int, float)) and not isinstance(c.fraction, bool)
+  if not ok or not 0.0 < c.fraction <= 1.0:
+    raise UsageError(f"--fraction={c.fraction!r}: must be in (0, 1]")
+  _int("seed", c.seed, 0)
+  _int("epochs", c.epochs, 1)
+  teacher_epochs = c.epochs if c.teacher_epochs is None else c.teacher_epochs
+  _int("teacher_epochs", teacher_epochs, 1)
+  if c.init_epochs is not None:
+    _int("init_epochs", c.init_epochs, 0)
+  _int("batch_size", c.batch_size, 1)
+  _int("cpu_replicas", c.cpu_replicas, 1)
+  if c.lr is not None:
+    _number("lr", c.lr, 0.0, inclusive=False)
+  _number("weight_decay", c.weight_decay, 0.0)
+  if not (isinstance(c.momentum, (int, float)) and 0.0 <= c.momentum < 1.0):
+    raise UsageError(f"--momentum={c.momentum!r}: must be in [0, 1)")
+  for name in ("ce_weight", "kd_weight", "method_weight"):
+    if getattr(c, name) is not None:
+      _number(name, getattr(c, name), 0.0)
+  if c.temperature is not None:
+    _number("temperature", c.temperature, 0.0, inclusive=False)
+  if c.strategy not in STRATEGIES:
+    raise UsageError(f"--strategy={c.strategy!r}: accepted: {', '.join(STRATEGIES)}")
+  check_cluster_timeout(c.cluster_timeout)
+  if c.strategy == "multi_worker":
+    check_multi_worker_replicas(c.cpu_replicas)
+  cls = distillers.get(method)
+  if c.init_epochs is not None and cls.init_epochs is None:
+    with_stages = [m for m in distillers.available() if distillers.get(m).init_epochs is not None]
+    raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
+                     f"(methods with one: {', '.join(with_stages)})")
+  if c.teacher_ckpt and not needs_teacher(c.replace(method=method)):
+    raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} reads no teacher (it "
+                     "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
+  if c.teacher_ckpt and not cls.pretrained_teacher:
+    raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
+                     f"{teacher_arch} peer from scratch together with the student; drop the flag")
+  return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
+                   teacher_epochs=teacher_epochs,
+                   dataset=c.dataset.strip(),
+                   teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
+                   train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
+
+
+DEFAULT_TEACHER = "resnet32x4"
+
+
+def is_model_file(name):
+  """Whether a net name is a Keras model file (``PATH.keras``) rather than a zoo name."""
+  return isinstance(name, str) and name.strip().lower().endswith(".keras")
+
+
+def _net_name(flag, name):
+  """The zoo spelling of ``name``, or the absolute path of a ``.keras`` model file."""
+  if is_model_file(name):
+    path = os.path.abspath(os.path.expanduser(name.strip()))
+    if not os.path.isfile(path):
+      raise UsageError(f"--{flag}={name}: no such model file")
+    return path
+  try:
+    return nets.canonical_name(name)
+  except ValueError as e:
+    raise UsageError(f"--{flag}: {e}{did_you_mean(name, nets.available())}") from None
+
+
+def did_you_mean(name, known):
+  """``" - did you mean X?"`` for the closest known names (case-insensitive), else ``""``."""
+  if not isinstance(name, str):
+    return ""
+  lowered = {k.lower(): k for k in known}
+  close = difflib.get_close_matches(name.strip().lower(), list(lowered), n=2, cutoff=0.6)
+  return f" - did you mean {' or '.join(lowered[k] for k in close)}?" if close else ""
+
+
+def net_label(name):
+  """A short label of a net name or model file (its base name without extension), for messages."""
+  if name and (is_model_file(name) or os.sep in name):
+    name = os.path.splitext(os.path.basename(name.rstrip(os.sep)))[0]
+  return name
+
+
+def default_train_dir(c, method, arch, teacher_arch):
+  """``runs/<dataset>/<method>_<teacher>_<student>_seed<seed>`` (no teacher part for ``none``)."""
+  data = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(c.dataset.rstrip("/\\")) or "data")
+  teacher = net_label(teacher_arch) or net_label(c.teacher_ckpt) or "teacher"
+  pair = net_label(arch) if method == "none" else f"{teacher}_{net_label(arch)}"
+  return os.path.join("runs", data, f"{method}_{pair}_seed{c.seed}")
+
+
+def needs_teacher(config):
+  """Whether the run reads a teacher (the method uses one, or ``--kd_weight`` turns KD on)."""
+  cls = distillers.get(config.method)
+  kd = cls.kd_weight if config.kd_weight is None else config.kd_weight
+  return bool(cls.uses_teacher or kd)
+
+
+def teacher_source(config):
+  """Where the run's teacher comes from: None (no teacher), ``"checkpoint"`` (--teacher_ckpt),
+  ``"train"`` (trained first into TRAIN_DIR/teacher) or ``"fresh"`` (a new net trained together
+  with the student: methods with ``pretrained_teacher = False``, e.g. DML's peer)."""
+  if not needs_teacher(config):
+    return None
+  if not distillers.get(config.method).pretrained_teacher:
+    return "fresh"
+  return "checkpoint" if config.teacher_ckpt else "train"
+
+
+def base_lr(config):
+  """``--lr`` or the benchmark's default for the student (``optim.default_lr``)."""
+  return config.lr if config.lr is not None else optim.default_lr(config.arch)
+
+
+def settings(config):
+  """The experiment-defining values, resolved (method defaults filled in): what a rerun in the
+  same train dir must repeat exactly to be allowed to resume."""
+  cls = distillers.get(config.method)
+  out = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OPERATIONAL}
+  for name in ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs"):
+    if out[name] is None:
+      out[name] = getattr(cls, name)
+  out["lr"] = base_lr(config)
+  source = teacher_source(config)
+  if source is None:
+    out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None, teacher_features="")
+  elif source != "train":
+    out["teacher_epochs"] = None
+  return out
+
+
+def teacher_config(config):
+  """The config of the teacher trained into ``TRAIN_DIR/teacher`` when no checkpoint is given."""
+  return config.replace(method="none", arch=config.teacher_arch, epochs=config.teacher_epochs,
+                        student_features=config.teacher_features, teacher_features="",
+                        teacher_ckpt="", init_epochs=None, lr=None, ce_weight=None,
+                        kd_weight=None, method_weight=None, temperature=None,
+                        train_dir=os.path.join(config.train_dir, "teacher"))

@@ -1,0 +1,378 @@
+"""The training loop: phases of distributed steps, evaluation, checkpoints, logging.
+
+A run is a sequence of phases: the distiller's extra ``stages()`` (each with its own epochs, its own
+optimiser and variables, constant learning rate) and then the ``main`` phase (the benchmark's
+step-decay schedule). Epochs are counted globally across phases: TensorBoard's x axis, the
+checkpoint's progress counter and ``resuming from epoch N`` all use that count.
+
+One step (``Trainer._compile``): ``strategy.run`` calls the distiller's per-replica step
+(``Distiller.train_step`` or ``stage_step``) with a ``StepContext``; each replica's loss is divided by
+the number of replicas and the optimiser SUM-all-reduces the gradients, which makes the update the
+gradient of the global-batch mean. With ``jit_compile`` the per-replica forward/backward pass is
+compiled with XLA and the (distributed) optimiser update runs outside it. The reduced terms come
+back to Python after every step: the progress bar shows them and a non-finite value stops the run
+before any checkpoint is written, so the last checkpoint always holds finite weights.
+"""
+import functools
+import math
+import signal
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kd_tf2 import optim
+from kd_tf2.distillers.base import StepContext
+from kd_tf2.engine.rundir import usable_checkpoint
+from kd_tf2.engine.summaries import Progress, say
+from kd_tf2.errors import TrainingDiverged, TrainingInterrupted, UsageError
+
+MAIN = "main"
+
+
+class Phase:
+  """One phase: ``epochs`` of ``step(batch, ctx)`` updating ``variables`` with ``optimizer``."""
+
+  def __init__(self, name, epochs, optimizer, variables, step):
+    self.name, self.epochs = name, int(epochs)
+    self.optimizer, self.variables, self.step = optimizer, list(variables), step
+
+
+def make_optimizer(learning_rate, variables, *, momentum=0.9, weight_decay=5e-4, loss_scale=False,
+                   name=None):
+  """The benchmark's PyTorch-exact SGD (``optim.TorchSGD``), wrapped in a
+  ``LossScaleOptimizer`` under mixed float16, built on ``variables`` (call it in the strategy
+  scope: a Keras optimiser only updates the variables it was built with, and building lazily inside
+  a distributed step fails)."""
+  opt = optim.TorchSGD(learning_rate, momentum=momentum, weight_decay=weight_decay, name=name)
+  if loss_scale:
+    opt = keras.optimizers.LossScaleOptimizer(opt, name=f"{name}_loss_scale" if name else None)
+  opt.build(list(variables))
+  return opt
+
+
+def current_lr(optimizer):
+  """The learning rate the optimiser's next update uses (schedules evaluated at ``iterations``)."""
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  return float(keras.ops.convert_to_numpy(inner.learning_rate))
+
+
+class Evaluator:
+  """Top-1/top-5 accuracy and mean cross-entropy of ``model`` over a dataset, under ``strategy``.
+
+  Every sample counts once (sums are reduced over replicas and divided at the end).
+  """
+
+  def __init__(self, model, strategy=None):
+    self.model = model
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self._step = tf.function(self._distributed_step)
+
+  def _replica_step(self, batch):
+    logits = tf.cast(self.model(batch["image"], training=False), tf.float32)
+    labels = tf.cast(tf.reshape(batch["label"], [-1]), tf.int32)
+    k = min(5, int(logits.shape[-1]))
+    top = tf.math.top_k(logits, k=k).indices
+    hits = tf.cast(tf.equal(top, labels[:, None]), tf.float32)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return (tf.reduce_sum(hits[:, :1]), tf.reduce_sum(hits), tf.reduce_sum(ce),
+            tf.cast(tf.shape(labels)[0], tf.float32))
+
+  def _distributed_step(self, batch):
+    out = self.strategy.run(self._replica_step, args=(batch,))
+    return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in out]
+
+  def __call__(self, dataset):
+    """``{"top1", "top5", "loss", "n"}`` over ``dataset`` (batches of ``{"image", "label"}``);
+    accuracies in percent."""
+    sums = np.zeros(4, np.float64)
+    for batch in self.strategy.experimental_distribute_dataset(dataset):
+      sums += [float(v) for v in self._step(batch)]
+    n = sums[3]
+    if n == 0:
+      raise ValueError("evaluation dataset is empty")
+    return {"top1": float(100.0 * sums[0] / n), "top5": float(100.0 * sums[1] / n),
+            "loss": float(sums[2] / n), "n": int(n)}
+
+
+class _StopRequest:
+  """SIGTERM/SIGINT set a flag that the loop checks between steps (main thread only)."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+class Trainer:
+  """Runs the phases of one distillation (or plain training) run.
+
+  Args:
+    strategy: the ``tf.distribute`` strategy (student, teacher and distiller were made in its scope).
+    student, distiller: the student and its ``Distiller`` (``kd_tf2.distillers.create``).
+    train_data: a ``tf.data.Dataset`` of global batches, or ``fn(input_context) -> dataset`` of
+      per-replica batches (``kd_tf2.data.dataset_fn``, for multi-worker input sharding).
+    test_data: a ``tf.data.Dataset`` evaluated after every epoch.
+    steps_per_epoch, global_batch: for the schedule, the progress bar and images/s.
+    epochs, base_lr, momentum, weight_decay: the main phase's schedule and optimiser.
+    jit_compile: compile the per-replica step with XLA.
+    loss_scale: wrap the optimisers in a ``LossScaleOptimizer`` (mixed float16).
+    checkpoint_dir: where ``tf.train.CheckpointManager`` keeps checkpoints (None: none).
+    restore_dir: where to look for the checkpoint to resume from (default ``checkpoint_dir``;
+      multi-worker non-chief workers save to a scratch dir but resume from the chief's).
+    summaries: a ``Summaries`` (TensorBoard) or None; metrics_sink: ``fn(record)`` or None.
+    verbose: progress bar and one line per epoch.
+    extra_checkpointed: further variables to checkpoint (e.g. a peer trained with the student).
+    on_start: ``fn(epochs_done)`` called once the starting point is known (0 without a checkpoint),
+      e.g. to drop the metrics of epochs logged by a killed process but lost with its checkpoint,
+      which are trained again; or None.
+  """
+
+  def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
+               global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
+               loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
+               metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None):
+    self.strategy, self.student, self.distiller = strategy, student, distiller
+    self.train_data, self.test_data = train_data, test_data
+    self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
+    self.replicas = strategy.num_replicas_in_sync
+    self.jit_compile, self.verbose = bool(jit_compile), bool(verbose)
+    self.summaries, self.metrics_sink, self.on_start = summaries, metrics_sink, on_start
+    distiller.epochs = int(epochs)
+    sgd = dict(momentum=momentum, weight_decay=weight_decay, loss_scale=loss_scale)
+    with strategy.scope():
+      self.phases = []
+      for stage in distiller.stages():
+        if stage.epochs <= 0:
+          continue
+        variables = distiller.stage_variables(stage)
+        lr = base_lr if stage.learning_rate is None else stage.learning_rate
+        opt = make_optimizer(lr, variables, name=f"sgd_stage_{stage.name}", **sgd)
+        step = functools.partial(distiller.stage_step, stage)
+        self.phases.append(Phase(f"stage_{stage.name}", stage.epochs, opt, variables, step))
+      schedule = optim.step_decay_schedule(base_lr, int(epochs), self.steps_per_epoch)
+      variables = distiller.variables_to_train()
+      opt = make_optimizer(schedule, variables, name="sgd_main", **sgd)
+      self.phases.append(Phase(MAIN, epochs, opt, variables, distiller.train_step))
+      # [epochs completed (all phases), steps completed in the running epoch]
+      self.progress = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="progress")
+      # [best main-phase test top-1, its (global, 1-based) epoch]
+      self.best = tf.Variable([-1.0, 0.0], dtype=tf.float64, trainable=False, name="best")
+    self.total_epochs = sum(p.epochs for p in self.phases)
+    self.evaluator = Evaluator(student, strategy)
+    self._steps = {}
+    # Variables are listed explicitly: TF's object graph does not follow the Python lists in which
+    # Keras models keep nested layers (a net's blocks), so Checkpoint(student=model) would silently
+    # miss e.g. their BatchNorm moving statistics.
+    tracked = dict(student=list(student.weights), distiller=list(distiller.weights),
+                   progress=self.progress, best=self.best)
+    if extra_checkpointed:
+      tracked["extra"] = list(extra_checkpointed)
+    tracked.update({f"optimizer_{p.name}": list(p.optimizer.variables) for p in self.phases})
+    self.checkpoint = tf.train.Checkpoint(**tracked)
+    self.manager = None
+    self.restore_dir = restore_dir or checkpoint_dir
+    if checkpoint_dir:
+      self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir, max_to_keep=2)
+
+  # ------------------------------------------------------------------ steps
+  def _compile(self, phase):
+    """The distributed step of ``phase``: ``batch -> {term: mean over replicas, "loss", ...}``."""
+    ctx = StepContext(phase.optimizer, phase.variables, self.replicas, defer=self.jit_compile)
+    traced_vars = []
+
+    def compute(batch):
+      out = phase.step(batch, ctx)
+      pending = ctx.take_pending()
+      traced_vars[:] = [v for _, v in pending]
+      return out.terms, out.logits, [g for g, _ in pending]
+
+    if self.jit_compile:
+      compute = tf.function(compute, jit_compile=True)
+
+    def replica(batch):
+      terms, logits, grads = compute(batch)
+      if grads:
+        phase.optimizer.apply_gradients(zip(grads, traced_vars))
+      out = {k: tf.cast(v, tf.float32) for k, v in terms.items()}
+      out["loss"] = tf.add_n(list(out.values()))
+      labels = tf.cast(tf.reshape(batch["label"], [-1]), tf.int64)
+      if logits is None:
+        correct = tf.constant(0.0)
+      else:
+        pred = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        correct = tf.reduce_sum(tf.cast(tf.equal(pred, labels), tf.float32))
+      return out, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    @tf.function
+    def step(batch):
+      out, correct, count = self.strategy.run(replica, args=(batch,))
+      mean = tf.distribute.ReduceOp.MEAN
+      total = tf.distribute.ReduceOp.SUM
+      red = {k: self.strategy.reduce(mean, v, axis=None) for k, v in out.items()}
+      red["_correct"] = self.strategy.reduce(total, correct, axis=None)
+      red["_count"] = self.strategy.reduce(total, count, axis=None)
+      return red
+
+    return step
+
+  def distributed_step(self, phase=MAIN):
+    """The compiled distributed step of the phase named ``phase`` (``"main"`` or
+    ``"stage_<name>"``): ``step(distributed_batch) -> {term: float32 scalar}`` with every loss
+    term and ``"loss"`` averaged over replicas, plus ``"_correct"``/``"_count"`` summed. One
+    optimiser update per call. For benchmarks and tests; ``fit`` uses it."""
+    if phase not in self._steps:
+      by_name = {p.name: p for p in self.phases}
+      if phase not in by_name:
+        raise ValueError(f"unknown phase {phase!r}; this run has {', '.join(by_name)}")
+      self._steps[phase] = self._compile(by_name[phase])
+    return self._steps[phase]
+
+  def _distributed_train_data(self, skip):
+    if callable(self.train_data) and not isinstance(self.train_data, tf.data.Dataset):
+      make = self.train_data
+      return self.strategy.distribute_datasets_from_function(lambda ic: make(ic).skip(skip))
+    return self.strategy.experimental_distribute_dataset(self.train_data.skip(skip))
+
+  # ------------------------------------------------------------------ loop
+  def _locate(self, epoch):
+    """(phase, epoch within the phase) of global 0-based ``epoch``."""
+    for phase in self.phases:
+      if epoch < phase.epochs:
+        return phase, epoch
+      epoch -= phase.epochs
+    raise IndexError(epoch)
+
+  def restore(self):
+    """Restore the newest checkpoint that reads back whole, if any; returns (epochs done, steps
+    done in the next). Newer damaged checkpoints (a crash mid-write) are named and skipped; if
+    there are checkpoints but none is readable, ``UsageError``."""
+    prefix, damaged = usable_checkpoint(self.restore_dir)
+    for name, reason in damaged:
+      print(f"warning: checkpoint {name} in {self.restore_dir} is damaged ({reason}); falling "
+            "back to the previous one", file=sys.stderr, flush=True)
+    if prefix is None:
+      if damaged:
+        raise UsageError(f"no checkpoint in {self.restore_dir} can be read; move it away to "
+                         "restart from epoch 0")
+      return 0, 0
+    self.checkpoint.restore(prefix).assert_consumed()
+    done, steps = (int(v) for v in self.progress.numpy())
+    return done, steps
+
+  def _save(self, epochs_done, steps_done=0):
+    self.progress.assign([epochs_done, steps_done])
+    if self.manager is not None:
+      self.manager.save()
+
+  def _train_epoch(self, phase, epoch, local, skip, stop):
+    """Train one epoch; returns its stats, or raises TrainingInterrupted/TrainingDiverged."""
+    step = self.distributed_step(phase.name)
+    sums, correct, count, steps = {}, 0.0, 0.0, skip
+    desc = f"epoch {epoch + 1}/{self.total_epochs} {phase.name}"
+    bar = Progress(self.steps_per_epoch - skip, desc, enabled=self.verbose)
+    start = time.time()
+    try:
+      for batch in self._distributed_train_data(skip):
+        if steps >= self.steps_per_epoch:  # equal step counts on every worker
+          break
+        out = {k: float(v) for k, v in step(batch).items()}
+        steps += 1
+        for key, value in out.items():
+          if key.startswith("_"):
+            continue
+          if not math.isfinite(value):
+            kept = f"the last checkpoint (epoch {epoch}{f' step {skip}' if skip else ''}) is kept"
+            if not epoch and not skip:
+              kept = "there is no checkpoint yet"
+            raise TrainingDiverged(f"non-finite loss term {key!r} = {value} at epoch {epoch + 1} "
+                                   f"step {steps} ({phase.name}); stopped without saving: {kept}")
+          sums[key] = sums.get(key, 0.0) + value
+        correct += out["_correct"]
+        count += out["_count"]
+        bar.update({"loss": out["loss"], "acc": 100.0 * correct / max(count, 1.0)})
+        if stop.signal is not None:
+          self._save(epoch, steps)
+          raise TrainingInterrupted(
+              f"stopped by signal {stop.signal} at epoch {epoch + 1} step {steps}; checkpoint "
+              "written, rerun the same command to resume")
+    finally:
+      bar.close()
+    seconds = time.time() - start
+    n = max(steps - skip, 1)
+    stats = {f"train/{k}": v / n for k, v in sums.items()}
+    stats["train/top1"] = 100.0 * correct / max(count, 1.0)
+    stats["images_per_sec"] = (steps - skip) * self.global_batch / max(seconds, 1e-9)
+    stats["epoch_time_s"] = seconds
+    return stats
+
+  def fit(self):
+    """Run (or resume) every phase. Returns the results dict (last and best test accuracy...)."""
+    done, skip = self.restore()
+    if self.on_start is not None:
+      self.on_start(done)
+    if done or skip:
+      where = f" (step {skip})" if skip else ""
+      say(f"resuming from epoch {done}{where}", self.verbose)
+    last, speeds = None, []
+    with _StopRequest() as stop:
+      for epoch in range(done, self.total_epochs):
+        phase, local = self._locate(epoch)
+        lr = current_lr(phase.optimizer)
+        self.distiller.epoch.assign(float(local))
+        stats = self._train_epoch(phase, epoch, local, skip, stop)
+        skip = 0
+        test = self.evaluator(self.test_data)
+        last = test
+        if phase.name == MAIN:
+          speeds.append(stats["images_per_sec"])
+          if test["top1"] > float(self.best[0]):
+            self.best.assign([test["top1"], float(epoch + 1)])
+        self._log(phase, epoch, lr, stats, test)
+        self._save(epoch + 1)
+    if last is None:
+      last = self.evaluator(self.test_data)
+    best_top1, best_epoch = (float(v) for v in self.best.numpy())
+    if best_top1 < 0:
+      best_top1, best_epoch = last["top1"], float(self.total_epochs)
+    steady = speeds[1:] if len(speeds) > 1 else speeds
+    return {"top1": last["top1"], "top5": last["top5"], "loss": last["loss"], "n": last["n"],
+            "best_top1": best_top1, "best_epoch": int(best_epoch),
+            "epochs": self.total_epochs,
+            "images_per_sec": float(np.mean(steady)) if steady else None}
+
+  def _log(self, phase, epoch, lr, stats, test):
+    p = phase.name
+    values = {f"{p}/{k}": v for k, v in stats.items()}
+    values.update({f"{p}/lr": lr, "test/top1": test["top1"], "test/top5": test["top5"],
+                   "test/loss": test["loss"]})
+    if self.summaries is not None:
+      self.summaries.scalars(epoch + 1, values)
+    if self.metrics_sink is not None:
+      self.metrics_sink(dict(epoch=epoch + 1, phase=p, lr=lr, **{k: v for k, v in stats.items()},
+                             **{f"test/{k}": v for k, v in test.items()}))
+    terms = " ".join(f"{k[len('train/'):]} {v:.4g}" for k, v in stats.items()
+                     if k.startswith("train/") and k != "train/top1")
+    say(f"epoch {epoch + 1}/{self.total_epochs} [{p}] {terms} | train top1 "
+        f"{stats['train/top1']:.2f} | test top1 {test['top1']:.2f} top5 {test['top5']:.2f} "
+        f"loss {test['loss']:.4f} | lr {lr:.4g} | {stats['images_per_sec']:.0f} img/s "
+        f"{stats['epoch_time_s']:.1f}s", self.verbose)

@@ -1,0 +1,78 @@
+"""The common base of every zoo net: logits or the full ``Outputs`` contract (DESIGN.md contract 1)."""
+import keras
+import numpy as np
+from keras import ops
+
+from nets.outputs import Outputs
+
+
+class ZooNet(keras.Model):
+  """A CIFAR classifier of the reference zoo (RepDistiller, Tian et al., ICLR 2020, arXiv:1910.10699).
+
+  Subclasses create their layers in ``__init__`` (``self.classifier`` last), implement
+  ``forward(x, training) -> (features, preacts, embedding)`` and ``torch_layers()``, which yields
+  ``(state_dict module path, keras layer)`` for every weighted layer — the table the weight
+  converter walks (NETS.md §4).
+
+  ``model(x, training=...)`` -> logits [B, num_classes];
+  ``model(x, training=..., features=True)`` -> ``Outputs(logits, features, preacts, embedding)``.
+  """
+
+  def __init__(self, num_classes=100, synchronized_bn=False, arch=None, **kwargs):
+    kwargs.setdefault("name", arch)
+    super().__init__(**kwargs)
+    integer = isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
+    if not integer or num_classes < 1:
+      raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    self.num_classes = int(num_classes)
+    self.synchronized_bn = bool(synchronized_bn)
+    self.arch = arch or type(self).__name__
+
+  def forward(self, x, training):
+    raise NotImplementedError
+
+  def torch_layers(self):
+    raise NotImplementedError
+
+  def call(self, inputs, training=None, features=False):
+    feats, preacts, embedding = self.forward(inputs, training)
+    logits = self.classifier(embedding)
+    if not features:
+      return logits
+    return Outputs(logits, tuple(feats), tuple(preacts), embedding)
+
+  def build(self, input_shape=(None, 32, 32, 3)):
+    """Create every variable by tracing the forward pass symbolically (no computation)."""
+    self.compute_output_spec(keras.KerasTensor(tuple(input_shape)), training=False)
+
+  def arch_config(self):
+    """The family-specific constructor arguments (subclasses extend)."""
+    return {}
+
+  def get_config(self):
+    return {"name": self.name, "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "num_classes": self.num_classes, "synchronized_bn": self.synchronized_bn,
+            "arch": self.arch, **self.arch_config()}
+
+  @classmethod
+  def from_config(cls, config):
+    return cls(**config)
+
+
+class Block(keras.layers.Layer):
+  """A block of a zoo net. Its sub-layers build themselves on first call; this ``build`` only marks
+  the block built, which spares Keras a second, symbolic trace of every block while building."""
+
+  def build(self, input_shape):
+    del input_shape
+
+
+def relu(x):
+  return ops.relu(x)
+
+
+def prefixed(prefix, pairs):
+  """Prepend ``prefix.`` to the module paths of (path, layer) pairs."""
+  for path, layer in pairs:
+    yield f"{prefix}.{path}", layer
