@@ -31,7 +31,7 @@ from keras import ops
 from kd_tf2.errors import UsageError
 from nets.outputs import Outputs
 
-__all__ = ["adapt", "Adapted", "is_adaptable_as_is"]
+__all__ = ["adapt", "Adapted", "is_adaptable_as_is", "functional_zoo_net"]
 
 _PASS_THROUGH = ("Dropout", "Identity", "ActivityRegularization", "GaussianNoise",
                  "GaussianDropout", "AlphaDropout")
@@ -80,6 +80,16 @@ def adapt(model, features=None, preacts=None, embedding=None):
                        "fixed; call adapt without features/preacts/embedding")
   return Adapted(model, features=_names(features, "features"), preacts=_names(preacts, "preacts"),
                  embedding=embedding)
+
+
+def functional_zoo_net(net, input_shape=(32, 32, 3)):
+  """A zoo net's own layers (shared weights) as a plain functional classifier image -> logits:
+  its ``forward`` traced on a ``keras.Input``. ``adapt`` of it computes what the zoo net
+  computes (the speed benchmark's ``--adapt`` compares the two); its automatic taps are one per
+  resolution, not the zoo's stem + stages."""
+  inputs = keras.Input(tuple(int(d) for d in input_shape))
+  _, _, embedding = net.forward(inputs, training=None)
+  return keras.Model(inputs, net.classifier(embedding), name=f"{net.name}_functional")
 
 
 # ------------------------------------------------------------------ graph walking
@@ -271,7 +281,8 @@ class Adapted(keras.Model):
     for t in order:
       layer = _layer_of(t)
       parents = _inputs_of(t)
-      if (layer is not None and layer.weights) or any(id(p) in weighted for p in parents):
+      if (layer is not None and getattr(layer, "weights", None)) or any(
+          id(p) in weighted for p in parents):
         weighted.add(id(t))
       if id(t) not in weighted or layer is None or type(layer).__name__ in _SPATIAL_NOOP:
         continue

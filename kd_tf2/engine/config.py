@@ -125,7 +125,8 @@ def validate(config):
                      "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
-                     f"{teacher_arch} peer from scratch together with the student; drop the flag")
+                     f"{teacher_arch or 'teacher'} peer from scratch together with the student; "
+                     "drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs,
                    dataset=c.dataset.strip(),
