@@ -14,8 +14,10 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# tests/replicas splits the CPU into 2 logical devices, which needs a process of its own.
 test: venv
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests/replicas
 
 clean:
 	rm -rf $(VENV) runs

@@ -36,13 +36,10 @@ flags.DEFINE_integer("top", 5, "With --image: how many classes to print per imag
 def trained_dataset(path):
   """The --dataset a train dir was made with, or None."""
   from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
-  flags_file = os.path.join(path, rundir.FLAGS_FILE)
-  if not os.path.isfile(flags_file):
-    return None
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
   try:
-    with open(flags_file) as f:
-      return json.load(f)["settings"]["dataset"]
-  except (OSError, ValueError, KeyError, TypeError):
+    return (rundir.RunDir(path).settings() or {}).get("dataset")
+  except UsageError:
     return None
 
 

@@ -37,6 +37,7 @@ from keras.src.trainers import compile_utils
 from kd_tf2 import distillers, optim
 from kd_tf2.adapter import adapt
 from kd_tf2.distillers.base import StepContext
+from kd_tf2.engine import step as step_lib
 from kd_tf2.errors import UsageError
 
 __all__ = ["Distillation"]
@@ -51,13 +52,6 @@ class _Phase:
     self.name, self.epochs, self.step = name, int(epochs), step
     self.variables, self.optimizer, self.stage = variables, optimizer, stage
     self.trackers = {}
-
-
-class _TraceOnly(StepContext):
-  """A context whose updates are dropped: used to trace a step once for its term names."""
-
-  def apply(self, grads, variables=None):
-    del grads, variables
 
 
 class _PhaseSwitch(keras.callbacks.Callback):
@@ -94,6 +88,12 @@ class Distillation(keras.Model):
     self.input_shape_ = tuple(int(d) for d in input_shape)
     self.student = student
     self.teacher = teacher
+    cls = distillers.get(method)
+    if "train_labels" in cls.engine_hparams and hparams.get("train_labels") is None:
+      raise UsageError(f"method {cls.method_name} needs train_labels=: the integer label of every "
+                       "training sample, indexed by the sample's 'index' (e.g. y_train)")
+    if "jit_compiled" in cls.engine_hparams:
+      hparams.setdefault("jit_compiled", False)  # compile(jit_compile=True) is refused for these
     self.distiller = distillers.create(method, student, teacher, input_shape=self.input_shape_,
                                        **hparams)
     self._phases = None
@@ -116,10 +116,10 @@ class Distillation(keras.Model):
                          f"{self.distiller.method_name} defines the loss; its terms, the loss "
                          "and the accuracy are logged")
       kwargs.pop(key, None)
-    reason = self.distiller.jit_unsupported
-    if jit_compile is True and reason:
-      raise UsageError(f"jit_compile=True: method {self.distiller.method_name} cannot be compiled "
-                       f"with XLA: {reason}")
+    if jit_compile is True:
+      raise UsageError("Distillation.compile(jit_compile=True) is not supported: Keras would "
+                       "compile the optimiser update too; train.py --jit_compile compiles the "
+                       "forward/backward pass only")
     if optimizer is None:
       optimizer = optim.TorchSGD(DEFAULT_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                  name="sgd_main")
@@ -153,21 +153,19 @@ class Distillation(keras.Model):
     return super().evaluate(*args, **kwargs)
 
   def train_step(self, data):
+    """Keras runs this per replica: the engine's per-replica function (``kd_tf2.engine.step``:
+    the phase's step with a ``StepContext``, then the optimiser update), then the trackers."""
     phase = self._current
     batch = self._batch(data)
-    ctx = StepContext(phase.optimizer, phase.variables,
-                      tf.distribute.get_strategy().num_replicas_in_sync)
-    out = phase.step(batch, ctx)
-    terms = {k: tf.cast(v, tf.float32) for k, v in out.terms.items()}
-    terms["loss"] = tf.add_n(list(terms.values()))
+    terms, correct, count = phase.replica(batch)
     prefix = "" if phase.stage is None else f"{phase.stage.name}/"
     logs = {}
     for key, value in terms.items():
       tracker = phase.trackers[prefix + key]
       tracker.update_state(value)
       logs[prefix + key] = tracker.result()
-    if out.logits is not None and "accuracy" in phase.trackers:
-      phase.trackers["accuracy"].update_state(_correct(out.logits, batch["label"]))
+    if "accuracy" in phase.trackers:
+      phase.trackers["accuracy"].update_state(correct / count, sample_weight=count)
       logs["accuracy"] = phase.trackers["accuracy"].result()
     return logs
 
@@ -221,6 +219,10 @@ class Distillation(keras.Model):
         if has_logits:
           phase.trackers["accuracy"] = _mean("accuracy", "up")
       self._val_trackers = {"loss": _mean("loss", "down"), "accuracy": _mean("accuracy", "up")}
+    replicas = self.distribute_strategy.num_replicas_in_sync
+    for phase in phases:
+      phase.replica = step_lib._replica_fn(  # pylint: disable=protected-access
+          phase.step, phase.optimizer, phase.variables, replicas, False)
     self._phases, self._phases_for = phases, epochs
     return phases
 
@@ -232,7 +234,7 @@ class Distillation(keras.Model):
     found = {}
 
     def trace(b):
-      out = phase.step(b, _TraceOnly(phase.optimizer, phase.variables))
+      out = phase.step(b, StepContext(phase.optimizer, phase.variables))  # gradients not applied
       found["names"] = list(out.terms)
       found["logits"] = out.logits is not None
       return 0

@@ -1,7 +1,5 @@
 """kd_tf2.adapt: any functional / Sequential Keras classifier -> the Outputs contract, and every
 registered method on adapted nets (issue 11 items 1-2)."""
-import functools
-
 import keras
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import kd_tf2
 import nets
 from kd_tf2 import distillers
 from kd_tf2.distillers import StepContext
+from kd_tf2.engine.step import compile_step
 
 
 def convnet(widths, classes=10, name="net", softmax=False):
@@ -133,20 +132,26 @@ def _one_step_each_phase(method, student, teacher, in_graph=False):
     variables = d.stage_variables(stage)
     opt = keras.optimizers.SGD(0.01)
     opt.build(variables)
-    d.stage_step(stage, batch, StepContext(opt, variables))
+    ctx = StepContext(opt, variables)
+    d.stage_step(stage, batch, ctx)
+    opt.apply_gradients(ctx.take_pending())
   variables = d.variables_to_train()
   opt = keras.optimizers.SGD(0.01)
   opt.build(variables)
   before = [v.numpy().copy() for v in student.trainable_variables]
   teacher_before = [v.numpy().copy() for v in teacher.weights] if cls.pretrained_teacher else []
-  step = functools.partial(d.train_step, ctx=StepContext(opt, variables))
-  out = tf.function(step)(batch) if in_graph else step(batch)
-  assert out.terms and all(np.isfinite(float(v)) for v in out.terms.values()), out.terms
+  if in_graph:  # the engine's compiled step
+    terms, _ = compile_step(tf.distribute.get_strategy(), d.train_step, opt, variables)(batch)
+  else:
+    ctx = StepContext(opt, variables)
+    terms = d.train_step(batch, ctx).terms
+    opt.apply_gradients(ctx.take_pending())
+  assert terms and all(np.isfinite(float(v)) for v in terms.values()), terms
   moved = [not np.array_equal(v.numpy(), b) for v, b in zip(student.trainable_variables, before)]
   assert all(moved), f"{method}: some student variables did not move"
   for v, b in zip(teacher.weights, teacher_before):
     np.testing.assert_array_equal(v.numpy(), b, err_msg=f"{method}: teacher {v.path} moved")
-  return out.terms
+  return terms
 
 
 # Methods whose main step is also run inside a tf.function here (one per kind of step).

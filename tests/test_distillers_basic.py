@@ -8,6 +8,7 @@ import nets
 from kd_tf2 import distillers
 from kd_tf2.connectors import ConvReg
 from kd_tf2.distillers import Distiller, StepContext
+from kd_tf2.engine.step import compile_step
 from kd_tf2.errors import UsageError
 from nets.outputs import Outputs
 
@@ -105,7 +106,7 @@ def test_st_matches_keras_logits_distillation():
   t_logits = rng.normal(0, 3, (8, 10)).astype(np.float32)
   labels = tf.constant(rng.integers(0, 10, 8))
   d = distillers.get("ST")(None, None)
-  terms = d.total_terms(_logits_outputs(s_logits), _logits_outputs(t_logits), labels, None)
+  terms = d.total_terms(_logits_outputs(s_logits), _logits_outputs(t_logits), {"label": labels})
   keras_kd = _keras_st(4.0).compute_loss(tf.constant(t_logits), tf.constant(s_logits))
   np.testing.assert_allclose(float(terms["kd"]) / 0.9, float(keras_kd), rtol=1e-4)
   keras_ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, s_logits)
@@ -118,10 +119,10 @@ def test_kd_term_follows_temperature_and_is_absent_at_weight_zero():
   s = _logits_outputs(rng.normal(0, 2, (4, 5)))
   t = _logits_outputs(rng.normal(0, 2, (4, 5)))
   labels = tf.constant([0, 1, 2, 3])
-  hot = distillers.get("ST")(None, None, temperature=8.0).total_terms(s, t, labels, None)
+  hot = distillers.get("ST")(None, None, temperature=8.0).total_terms(s, t, {"label": labels})
   ref = _keras_st(8.0).compute_loss(t.logits, s.logits)
   np.testing.assert_allclose(float(hot["kd"]) / 0.9, float(ref), rtol=1e-4)
-  plain = distillers.get("none")(None, None).total_terms(s, None, labels, None)
+  plain = distillers.get("none")(None, None).total_terms(s, None, {"label": labels})
   assert set(plain) == {"ce"}
 
 
@@ -151,7 +152,7 @@ def test_at_sums_the_stage_pairs_with_its_weight(pair, batch):
   d = distillers.create("AT", s_net, t_net, method_weight=7.0)
   s = d.student_outputs(batch["image"], training=False)
   t = d.teacher_outputs(batch["image"])
-  got = float(d.losses(s, t, batch["label"], batch["image"])["at"])
+  got = float(d.terms(s, t, batch)["at"])
   want = 7.0 * sum(_numpy_at(a, b) for a, b in zip(s.features[1:], t.features[1:]))
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -166,7 +167,7 @@ def test_fitnet_hint_is_the_regressed_mse_at_layer_2(pair, batch):
   guess = d.regressor(s.features[2], training=False).numpy()
   assert guess.shape == t.features[2].shape
   want = 100.0 * np.mean((guess - t.features[2].numpy()) ** 2)
-  got = float(d.losses(s, t, batch["label"], batch["image"], training=False)["hint"])
+  got = float(d.terms(s, t, batch, training=False)["hint"])
   np.testing.assert_allclose(got, want, rtol=1e-5)
   with pytest.raises(UsageError, match=r"hint_layer=9 is out of range.*accepted: 0..3"):
     distillers.create("FitNet", s_net, t_net, hint_layer=9)
@@ -181,7 +182,7 @@ def test_gradients_reach_student_and_connectors_never_the_teacher(pair, batch):
       tape.watch(teacher_vars)
       t = d.teacher_outputs(batch["image"])
       s = d.student_outputs(batch["image"], training=True)
-      loss = tf.add_n(list(d.total_terms(s, t, batch["label"], batch["image"]).values()))
+      loss = tf.add_n(list(d.total_terms(s, t, batch).values()))
     assert all(g is None for g in tape.gradient(loss, teacher_vars)), method
     grads = tape.gradient(loss, d.variables_to_train())
     assert all(g is not None for g in grads), method
@@ -202,8 +203,10 @@ def test_fitnet_hint_stage_updates_only_the_layers_before_the_hint(pair, batch):
   opt = keras.optimizers.SGD(0.1)
   opt.build(variables)
   before = {v.path: v.numpy().copy() for v in s_net.trainable_variables}
-  out = d.stage_step(stage, batch, StepContext(opt, variables))
-  assert set(out.terms) == {"hint"}
+  step = compile_step(tf.distribute.get_strategy(), lambda b, ctx: d.stage_step(stage, b, ctx),
+                      opt, variables)
+  terms, _ = step(batch)
+  assert set(terms) == {"hint", "loss"}
   after = {v.path: v.numpy() for v in s_net.trainable_variables}
   changed = {p for p in before if not np.array_equal(before[p], after[p])}
   classifier = {v.path for v in s_net.classifier.trainable_variables}
@@ -247,7 +250,7 @@ def test_convreg_shapes_and_refusal():
 
 # -------------------------------------------------------------- StepContext
 
-def test_step_context_divides_by_replicas_and_defers():
+def test_step_context_divides_by_replicas_and_records_the_update():
   v = tf.Variable([1.0, 2.0])
   opt = keras.optimizers.SGD(1.0)
   opt.build([v])
@@ -255,11 +258,14 @@ def test_step_context_divides_by_replicas_and_defers():
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(3.0 * v)
   np.testing.assert_allclose(ctx.gradients(loss, tape)[0].numpy(), [0.75, 0.75])
-  deferred = StepContext(opt, [v], num_replicas=1, defer=True)
+  one = StepContext(opt, [v], num_replicas=1, jit_compiled=True)
+  assert one.jit_compiled and not ctx.jit_compiled
+  with pytest.raises(AttributeError):
+    one.jit_compiled = False  # read-only
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(v * v)
-  deferred.minimize(loss, tape)
-  np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])  # not applied
-  (pair_,) = deferred.take_pending()
+  one.minimize(loss, tape)
+  np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])  # recorded, not applied
+  (pair_,) = one.take_pending()
   np.testing.assert_allclose(pair_[0].numpy(), [2.0, 4.0])
-  assert pair_[1] is v and deferred.take_pending() == []
+  assert pair_[1] is v and one.take_pending() == []

@@ -12,6 +12,7 @@ import tensorflow as tf  # noqa: E402
 import nets  # noqa: E402
 from kd_tf2 import distillers  # noqa: E402
 from kd_tf2.distillers.base import StepContext  # noqa: E402
+from kd_tf2.engine.step import compile_step  # noqa: E402
 from kd_tf2.distillers import mhgd as mhgd_module  # noqa: E402
 from kd_tf2.errors import UsageError  # noqa: E402
 
@@ -48,11 +49,11 @@ def _changed(before, variables):
   return [not np.array_equal(a, v.numpy()) for a, v in zip(before, variables)]
 
 
-def _ctx(variables, defer=False):
+def _ctx(variables):
   variables = list(variables)
   opt = keras.optimizers.SGD(0.05)
   opt.build(variables)
-  return StepContext(opt, variables, defer=defer)
+  return StepContext(opt, variables)
 
 
 def _ids(variables):
@@ -73,7 +74,7 @@ def _stage_gradients(d, stage, batch):
   with tf.GradientTape() as tape:
     s = d.student_outputs(images, training=True) if stage.uses_student else None
     t = d.teacher_outputs(images)
-    terms = stage.losses(s, t, labels, images, training=True)
+    terms = stage.terms(s, t, {"label": labels, "image": images}, training=True)
     loss = tf.add_n(list(terms.values()))
   grads = tape.gradient(loss, variables + list(d.teacher.weights))
   return terms, grads[:len(variables)], grads[len(variables):]
@@ -81,13 +82,24 @@ def _stage_gradients(d, stage, batch):
 
 def _run_stage_step(d, stage, batch):
   """One compiled stage step; returns the terms."""
-  ctx = _ctx(d.stage_variables(stage))
-  return tf.function(lambda b: d.stage_step(stage, b, ctx))(batch).terms
+  variables = d.stage_variables(stage)
+  return _compiled(lambda b, ctx: d.stage_step(stage, b, ctx), variables)(batch)[0]
 
 
 def _run_train_step(d, batch):
-  ctx = _ctx(d.variables_to_train())
-  return tf.function(lambda b: d.train_step(b, ctx))(batch).terms
+  return _compiled(d.train_step, d.variables_to_train())(batch)[0]
+
+
+def _compiled(step_fn, variables):
+  """The engine's compiled step of ``step_fn`` (SGD 0.05, one device): ``batch -> (the step's
+  own terms, without the engine's sum "loss", metrics)``."""
+  ctx = _ctx(variables)
+  step = compile_step(tf.distribute.get_strategy(), step_fn, ctx.optimizer, ctx.variables)
+
+  def run(batch):
+    terms, metrics = step(batch)
+    return {k: v for k, v in terms.items() if k != "loss"}, metrics
+  return run
 
 
 def _checkpoint_roundtrip(d, method, student, teacher, tmp_path, **hparams):
@@ -154,13 +166,13 @@ def test_fsp_stage_matches_numpy_and_main_phase_is_ce_only(zoo, batch):
   assert not d.needs_teacher
   so = d.student_outputs(batch["image"], training=False)
   to = d.teacher_outputs(batch["image"])
-  got = float(stage.losses(so, to, batch["label"], batch["image"])["fsp"])
+  got = float(stage.terms(so, to, batch)["fsp"])
   want = _np_fsp([f.numpy() for f in so.features], [f.numpy() for f in to.features])
   assert np.isfinite(got) and got > 0
   np.testing.assert_allclose(got, want, rtol=1e-4)
-  assert set(d.total_terms(so, None, batch["label"], batch["image"])) == {"ce"}
+  assert set(d.total_terms(so, None, batch)) == {"ce"}
   assert set(distillers.create("fsp", s, t, kd_weight=0.9).total_terms(
-      so, to, batch["label"], batch["image"])) == {"ce", "kd"}
+      so, to, batch)) == {"ce", "kd"}
 
 
 def test_fsp_stage_gradients_and_step(zoo, batch):
@@ -188,7 +200,7 @@ def test_fsp_refuses_different_channels(zoo, caplog):
   with caplog.at_level("WARNING"):
     d = distillers.create("FSP", zoo["resnet8"], zoo["resnet14"], method_weight=50.0)
   assert "no effect" in caplog.text
-  assert set(d.losses(None, None, None, None)) == set()
+  assert set(d.terms(None, None, {"label": None, "image": None})) == set()
 
 
 # -------------------------------------------------------------------------------------- AB
@@ -201,11 +213,11 @@ def test_ab_identity_connectors_match_numpy(zoo, batch):
   assert d.connector_variables() == []       # equal shapes: identity connectors
   so = d.student_outputs(batch["image"], training=False)
   to = d.teacher_outputs(batch["image"])
-  got = float(stage.losses(so, to, batch["label"], batch["image"], training=False)["ab"])
+  got = float(stage.terms(so, to, batch, training=False)["ab"])
   want = _np_ab([p.numpy() for p in so.preacts[1:]], [p.numpy() for p in to.preacts[1:]])
   assert np.isfinite(got) and got > 0
   np.testing.assert_allclose(got, want, rtol=1e-4)
-  assert set(d.total_terms(so, None, batch["label"], batch["image"])) == {"ce"}
+  assert set(d.total_terms(so, None, batch)) == {"ce"}
 
 
 def test_ab_stage_trains_connectors_and_features_then_freezes(zoo, batch, tmp_path):
@@ -258,12 +270,12 @@ def test_ft_paraphraser_shapes_and_pytorch_transposed_conv(zoo, batch):
   assert rec.shape == f_t.shape
   mean_sq = np.mean(f_t.numpy() ** 2)
   want = np.mean((rec - f_t.numpy()) ** 2) / max(1.0, mean_sq)
-  got = d.stages()[0].losses(None, to, batch["label"], batch["image"])["paraphraser"]
+  got = d.stages()[0].terms(None, to, batch)["paraphraser"]
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
   small = to._replace(features=to.features[:-1] + (f_t / (2.0 * np.sqrt(mean_sq)),))
   small_rec = d.paraphraser(small.features[-1]).numpy()
   want_small = np.mean((small_rec - small.features[-1].numpy()) ** 2)    # plain MSE below 1
-  got_small = d.stages()[0].losses(None, small, batch["label"], batch["image"])["paraphraser"]
+  got_small = d.stages()[0].terms(None, small, batch)["paraphraser"]
   np.testing.assert_allclose(float(got_small), want_small, rtol=1e-4)
   so = d.student_outputs(batch["image"], training=False)
   assert d.translator(so.features[-1], training=False).shape == (B, 8, 8, 64)
@@ -276,7 +288,7 @@ def test_ft_paraphraser_shapes_and_pytorch_transposed_conv(zoo, batch):
   f_p = factor.numpy().reshape(B, -1)
   want = 200.0 * np.mean(np.abs(f_s / np.linalg.norm(f_s, axis=1, keepdims=True) -
                                 f_p / np.linalg.norm(f_p, axis=1, keepdims=True)))
-  got = d.losses(so, to, batch["label"], batch["image"], training=False)["ft"]
+  got = d.terms(so, to, batch, training=False)["ft"]
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
 
 
@@ -308,7 +320,7 @@ def test_ft_stage_then_main_phase(zoo, batch, tmp_path):
   with tf.GradientTape() as tape:
     so = d.student_outputs(batch["image"], training=True)
     to = d.teacher_outputs(batch["image"])
-    loss = d.losses(so, to, batch["label"], batch["image"])["ft"]
+    loss = d.terms(so, to, batch)["ft"]
   translator = list(d.translator.trainable_variables)
   grads = tape.gradient(loss, translator + para)
   assert all(g is not None for g in grads[:len(translator)])
@@ -402,12 +414,12 @@ def test_mhgd_main_step_clips_per_variable_and_freezes_modules(zoo, batch):
     so = d.student_outputs(images, training=True)
     to = d.teacher_outputs(images)
     ce = d.cross_entropy(so.logits, labels)
-    kl = d.losses(so, to, labels, images)["mhgd"]
+    kl = d.terms(so, to, {"label": labels, "image": images})["mhgd"]
   g_ce = [g.numpy() for g in tape.gradient(ce, variables)]
   g_kl = tape.gradient(kl, variables)
   assert sum(g is not None for g in g_kl) > len(variables) // 2
-  # the step's gradients, recorded (not applied) in defer mode
-  ctx = _ctx(variables, defer=True)
+  # the step's gradients, as recorded for the update
+  ctx = _ctx(variables)
   terms = d.train_step(batch, ctx)
   got = {id(v): g.numpy() for g, v in ctx.take_pending()}
   clipped = 0

@@ -10,11 +10,12 @@ the only way to give each method its own peak. The child:
 1. builds the student and (when the method reads one) the teacher from ``nets`` for random
    ``[batch, size, size, 3]`` images of ``num_classes`` classes, the distiller with
    ``kd_tf2.distillers.create`` (CRD gets the ``train_labels`` of a pretend ``train_size``-image
-   training split, as the engine would pass them: its memory banks have that many rows), the engine's optimiser (``kd_tf2.engine.make_optimizer``, PyTorch's
-   SGD) and a ``StepContext``, and compiles the step the way the engine does: ``tf.function`` around
-   the distiller's per-replica ``train_step`` (with ``--jit_compile``, the forward/backward pass in
-   an XLA-compiled function and the optimiser update outside it). Only the main phase's step is
-   timed (FitNet/AB/FSP/FT/MHGD init stages are separate phases, not part of it);
+   training split, as the engine would pass them: its memory banks have that many rows), the
+   engine's optimiser (``kd_tf2.engine.make_optimizer``, PyTorch's SGD), and compiles the step with
+   the engine's own ``kd_tf2.engine.step.compile_step`` - the function ``train.py`` trains with
+   (with ``--jit_compile``, the forward/backward pass in an XLA-compiled function and the optimiser
+   update outside it). Only the main phase's step is timed (FitNet/AB/FSP/FT/MHGD init stages are
+   separate phases, not part of it);
 2. runs ``warmup`` steps (tracing, oneDNN kernel choice) and reads the peak RSS: the process's
    peak with TensorFlow, the nets, the distiller and one steady-state step of this method;
 3. builds two references on their own copies of the nets: the student trained alone (method
@@ -150,32 +151,14 @@ class _Nets:
 
 
 def _compile(step_fn, variables, jit_compile, loss_scale):
-  """``batch -> {term: scalar}``: ``step_fn(batch, ctx)`` as the engine compiles a per-replica
-  step (``kd_tf2.engine.loop.Trainer._compile`` without the strategy around it)."""
+  """``batch -> (terms, metrics)``: ``step_fn(batch, ctx)`` compiled by the engine's own
+  ``kd_tf2.engine.step.compile_step`` under the default (one-device) strategy."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
-  from kd_tf2.distillers import StepContext  # pylint: disable=import-outside-toplevel
+  from kd_tf2.engine import step as step_lib  # pylint: disable=import-outside-toplevel
   optimizer = engine.make_optimizer(0.01, variables, loss_scale=loss_scale, name="sgd_bench")
-  ctx = StepContext(optimizer, variables, num_replicas=1, defer=jit_compile)
-  if not jit_compile:
-    return tf.function(lambda batch: step_fn(batch, ctx))
-  traced_vars = []
-
-  def compute(batch):
-    terms = step_fn(batch, ctx)
-    pending = ctx.take_pending()
-    traced_vars[:] = [v for _, v in pending]
-    return terms, [g for g, _ in pending]
-
-  compute = tf.function(compute, jit_compile=True)
-
-  @tf.function
-  def step(batch):
-    terms, grads = compute(batch)
-    optimizer.apply_gradients(zip(grads, traced_vars))
-    return terms
-
-  return step
+  return step_lib.compile_step(tf.distribute.get_strategy(), step_fn, optimizer, variables,
+                               jit_compile=jit_compile)
 
 
 def _method_step(method, nets_, config, loss_scale):
@@ -185,15 +168,11 @@ def _method_step(method, nets_, config, loss_scale):
   cls = distillers.get(method)
   if config.jit_compile and cls.jit_unsupported:
     raise UsageError(f"{cls.method_name} cannot be compiled with XLA: {cls.jit_unsupported}")
-  needs_teacher = bool(cls.uses_teacher or cls.kd_weight)
-  teacher = nets_.teacher if needs_teacher else None
+  teacher = nets_.teacher if cls.reads_teacher() else None
   distiller = distillers.create(method, nets_.student, teacher, input_shape=nets_.shape,
                                 **_engine_hparams(cls, config))
-
-  def step_fn(batch, ctx):
-    return distiller.train_step(batch, ctx).terms
-
-  return _compile(step_fn, distiller.variables_to_train(), config.jit_compile, loss_scale)
+  return _compile(distiller.train_step, distiller.variables_to_train(), config.jit_compile,
+                  loss_scale)
 
 
 def _train_labels(config):
@@ -203,24 +182,27 @@ def _train_labels(config):
 
 
 def _engine_hparams(cls, config):
-  """The constructor keywords the engine hands to methods that ask for them (``train_labels``
-  for CRD's memory bank: a ``train_size``-sample split, CIFAR's 50000 by default)."""
-  if "train_labels" in cls.accepted_hparams():
-    return {"train_labels": _train_labels(config)}
-  return {}
+  """The constructor keywords the engine hands to methods that ask for them
+  (``Distiller.engine_hparams``): CRD's ``train_labels`` are those of a ``train_size``-sample
+  split (CIFAR's 50000 by default)."""
+  from kd_tf2 import distillers  # pylint: disable=import-outside-toplevel
+  return distillers.engine_kwargs(cls, train_labels=lambda: _train_labels(config),
+                                  jit_compiled=lambda: config.jit_compile)
 
 
 def _floor_step(nets_, config, loss_scale):
   """One student step (method ``none``) plus one teacher forward pass, compiled together."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from kd_tf2 import distillers  # pylint: disable=import-outside-toplevel
+  from kd_tf2.distillers import StepOutput  # pylint: disable=import-outside-toplevel
   distiller = distillers.create(STUDENT, nets_.student, nets_.teacher, input_shape=nets_.shape)
 
   def step_fn(batch, ctx):
     t = distiller.teacher_outputs(batch["image"])
-    terms = dict(distiller.train_step(batch, ctx).terms)
+    out = distiller.train_step(batch, ctx)
+    terms = dict(out.terms)
     terms["teacher_logits_sum"] = tf.reduce_sum(t.logits)  # an output: the pass is not pruned
-    return terms
+    return StepOutput(terms, out.logits)
 
   return _compile(step_fn, distiller.variables_to_train(), config.jit_compile, loss_scale)
 
@@ -239,8 +221,8 @@ def _run(step, batch):
   """One step, finished: every output read back to Python. Returns its wall time and the CPU
   time of this process (all threads) during it, in seconds."""
   wall, cpu = time.perf_counter(), time.process_time()
-  out = step(batch)
-  for value in out.values():
+  terms, _ = step(batch)
+  for value in terms.values():
     value.numpy()
   return time.perf_counter() - wall, time.process_time() - cpu
 

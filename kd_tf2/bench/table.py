@@ -53,9 +53,6 @@ TEACHER = "teacher"
 STUDENT = "none"
 EXECUTORS = ("subprocess", "inprocess")
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
-# Flags the teacher does not take from the command line (the engine's own teacher does the same).
-_TEACHER_DROPS = ("arch", "teacher_epochs", "lr", "ce_weight", "kd_weight", "method_weight",
-                  "temperature", "init_epochs")
 # Flags the student trained alone does not take: it is plain cross-entropy.
 _STUDENT_DROPS = ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs")
 
@@ -196,29 +193,23 @@ def _run_signature(config):
   return cfg.settings(cfg.validate(config))
 
 
-def _stored(train_dir, name):
-  with open(os.path.join(train_dir, name)) as f:
-    return json.load(f)
-
-
 def finished(cell):
   """``(True, results)`` if the cell's train dir holds a results file made with the cell's
   settings; ``(True, None)`` with ``cell.message`` set if it was made with others; else
   ``(False, None)``."""
   from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(os.path.join(cell.train_dir, rundir.RESULTS_FILE)):
+  run = rundir.RunDir(cell.train_dir)
+  if not os.path.isfile(run.join(rundir.RESULTS_FILE)):
     return False, None
   try:
-    stored = _stored(cell.train_dir, rundir.FLAGS_FILE)["settings"]
-    results = _stored(cell.train_dir, rundir.RESULTS_FILE)
+    diff = run.settings_diff(_run_signature(cell.config))
+    results = run.results()
   except (OSError, ValueError, KeyError, TypeError) as e:
     cell.message = f"unreadable run: {e}"
     return True, None
-  wanted = json.loads(json.dumps(_run_signature(cell.config)))  # tuples -> lists, like the file
-  diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
   if diff:
     cell.message = ("finished with other flags (" + ", ".join(
-        f"{k}={stored.get(k)!r} there vs {wanted.get(k)!r} now" for k in diff) +
+        f"{k}={there!r} there vs {now!r} now" for k, there, now in diff) +
                     "); use another --runs_dir")
     return True, None
   return True, results
@@ -342,10 +333,9 @@ class Sweep:
     return TrainConfig(**{**kept, **fields})
 
   def _teacher_config(self, fraction, seed):
-    epochs = self.base.teacher_epochs or self.base.epochs
-    return self._config(_TEACHER_DROPS, method=STUDENT, arch=self.base.teacher_arch,
-                        epochs=epochs, fraction=fraction, seed=seed,
-                        train_dir=self._dir(fraction, seed, TEACHER))
+    from kd_tf2.engine import config as cfg  # pylint: disable=import-outside-toplevel
+    run = self._config((), fraction=fraction, seed=seed, teacher_arch=self.base.teacher_arch)
+    return cfg.teacher_config(run, train_dir=self._dir(fraction, seed, TEACHER))
 
   def _student_config(self, fraction, seed):
     return self._config(_STUDENT_DROPS, method=STUDENT, fraction=fraction, seed=seed,
@@ -414,7 +404,7 @@ class Sweep:
   def _results_of(self, cell):
     from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
     try:
-      return _stored(cell.train_dir, rundir.RESULTS_FILE)
+      return rundir.RunDir(cell.train_dir).results()
     except (OSError, ValueError):
       return None
 

@@ -12,7 +12,7 @@ How to add a method
    module in this directory, so no other file changes).
 2. Subclass ``Distiller`` (``kd_tf2/distillers/base.py`` documents every hook), set the METHODS.md §3
    defaults as class attributes (``ce_weight``, ``kd_weight``, ``method_weight``, ``init_epochs``),
-   create connectors in ``build_connectors`` and return the weighted terms from ``losses``.
+   create connectors in ``build_connectors`` and return the weighted terms from ``terms``.
    Method-specific hyper-parameters are keyword-only constructor arguments with their defaults.
 3. The registration line: decorate the class with ``@register("NAME", "ALIAS", ...)``.
 4. Test it in ``tests/``: finite loss on a tiny pair, gradients reach the student and every
@@ -26,7 +26,7 @@ from kd_tf2.distillers.base import Distiller, Stage, StepContext, StepOutput
 from kd_tf2.errors import UsageError
 
 __all__ = ["Distiller", "Stage", "StepContext", "StepOutput", "register", "create", "available",
-           "get", "canonical_name"]
+           "get", "canonical_name", "with_stages", "engine_kwargs"]
 
 _CLASSES = {}    # lower-case name or alias -> class
 _CANONICAL = {}  # lower-case name or alias -> canonical name
@@ -89,6 +89,21 @@ def get(method):
   return _CLASSES[method.lower()]
 
 
+def with_stages():
+  """Canonical names of the methods that have extra stages (an ``init_epochs`` default)."""
+  return [m for m in available() if get(m).init_epochs is not None]
+
+
+def engine_kwargs(cls, **providers):
+  """The constructor keywords ``cls`` asks the engine for (``cls.engine_hparams``), each made by
+  the zero-argument callable of the same name in ``providers`` (called only when asked for)."""
+  missing = [name for name in cls.engine_hparams if name not in providers]
+  if missing:
+    raise ValueError(f"method {cls.method_name} asks the engine for {', '.join(missing)}, "
+                     f"which this caller does not provide (it provides {', '.join(providers)})")
+  return {name: providers[name]() for name in cls.engine_hparams}
+
+
 def canonical_name(method):
   """``"kd"`` -> ``"ST"``: the registry's spelling of a method name."""
   get(method)
@@ -112,7 +127,7 @@ def create(method, student, teacher, *, input_shape=(32, 32, 3), **hparams):
                      f"accepted: {', '.join(accepted)}")
   if teacher is not None:
     teacher.trainable = False
-  elif cls.uses_teacher or hparams.get("kd_weight", cls.kd_weight):
+  elif cls.reads_teacher(hparams.get("kd_weight")):
     raise UsageError(f"method {cls.method_name} needs a teacher")
   distiller = cls(student, teacher, **hparams)
   return distiller.setup(input_shape)

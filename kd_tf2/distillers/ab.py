@@ -71,7 +71,7 @@ class AB(Distiller):
     if len(s_pre) != len(t_pre) or not s_pre:
       raise UsageError(f"AB cannot distil {pair}: the student has {len(s_pre)} stage outputs and "
                        f"the teacher {len(t_pre)}; AB needs the same number of positions")
-    sync = bool(getattr(self.student, "synchronized_bn", False))
+    sync = self.synchronized_bn
     for i, (fs, ft) in enumerate(zip(s_pre, t_pre)):
       name = f"connector_{i}"
       if fs.shape[1:] == ft.shape[1:]:
@@ -99,8 +99,8 @@ class AB(Distiller):
       terms.append(w * kd_losses.activation_boundary(guess, ft, margin=self.margin))
     return tf.add_n(terms)
 
-  def init_losses(self, s, t, labels, images, *, training=True):
-    del labels, images
+  def init_terms(self, s, t, batch, *, training=True):
+    del batch
     return {"ab": self.ab_loss(s, t, training)}
 
   def connector_variables(self):
@@ -111,5 +111,5 @@ class AB(Distiller):
     return list(self.student.trainable_variables)
 
   def stages(self):
-    return [Stage("init", int(self.init_epochs), self.init_losses,
+    return [Stage("init", int(self.init_epochs), self.init_terms,
                   lambda: self.connector_variables() + feature_variables(self.student))]

@@ -84,7 +84,7 @@ class AFD(Distiller):
     self.attentions = [SEAttention(ft.shape[-1], self.att_f, name=f"attention_{i}")
                        for i, (_, ft) in enumerate(pairs)]
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     terms = [kd_losses.afd(fs, ft, attention(ft))
              for attention, fs, ft in zip(self.attentions, s.features[1:], t.features[1:])]
     return {"afd": self.method_weight * tf.add_n(terms) / float(len(terms))}

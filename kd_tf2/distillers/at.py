@@ -24,7 +24,7 @@ class AT(Distiller):
     super().__init__(student, teacher, **kwargs)
     self.p = float(p)
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     pairs = list(zip(s.features[1:], t.features[1:]))
     terms = [kd_losses.attention_transfer(fs, ft, p=self.p) for fs, ft in pairs]
     return {"at": self.method_weight * tf.add_n(terms)}

@@ -38,6 +38,7 @@ saturated teacher softmax gives g = 0, where the Zoo divides by zero).
 """
 import tensorflow as tf
 
+from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -108,15 +109,6 @@ def boundary_attack(logits_fn, images, target, attack_class, active, *, steps=10
   return tf.stop_gradient(adversarial)
 
 
-def kl_without_t2(s_logits, t_logits, temperature, mask):
-  """Masked batch-mean of KL(softmax(t/T) || softmax(s/T)), no T^2 (Zoo BSS)."""
-  log_p_t = tf.nn.log_softmax(t_logits / temperature)
-  log_p_s = tf.nn.log_softmax(s_logits / temperature)
-  per_row = tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=1)
-  mask = tf.cast(mask, tf.float32)
-  return tf.reduce_sum(per_row * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-
-
 @register("BSS")
 class BSS(Distiller):
   """{"bss": lambda(epoch) * KL_T(teacher || student) on boundary-supporting samples}."""
@@ -178,7 +170,7 @@ class BSS(Distiller):
     # MirroredStrategy cannot do inside control flow, and every replica must run it together.
     z_s = tf.cast(self.student(x_adv, training=True), tf.float32)
     mask = valid & run
-    return weight * kl_without_t2(z_s, tf.stop_gradient(z_t), self.temperature, mask)
+    return weight * kd_losses.kl_without_t2(z_s, tf.stop_gradient(z_t), self.temperature, mask)
 
   def train_step(self, batch, ctx):
     images = tf.cast(batch["image"], tf.float32)
@@ -187,7 +179,7 @@ class BSS(Distiller):
     weight = self.weight()
     with tf.GradientTape() as tape:
       s = self.student_outputs(images, training=True)
-      terms = self.total_terms(s, t, labels, images, training=True)
+      terms = self.total_terms(s, t, batch, training=True)
       terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)

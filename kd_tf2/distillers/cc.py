@@ -33,7 +33,7 @@ class CC(Distiller):
       raise UsageError(f"CC order={order!r}: must be an integer >= 0 (default 2)")
     self.gamma, self.order = float(gamma), order
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.correlation_congruence(s.embedding, t.embedding, gamma=self.gamma,
                                             order=self.order)
     return {"cc": self.method_weight * loss}

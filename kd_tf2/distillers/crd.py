@@ -21,7 +21,7 @@ METHODS.md §2.18 and §4, defaults of §3 (``-r 1 -a 0 -b 0.8``; CRD+KD is ``--
   bank[i] <- normalize(m * bank[i] + (1 - m) * v[i]) (student embeddings into bank_s, teacher's into
   bank_t).
 
-What the engine passes (constructor keywords): ``train_labels`` - int array [n_data], the label of
+What the engine passes (constructor keywords, ``engine_hparams``): ``train_labels`` - int array [n_data], the label of
 every index the data layer can emit (``Info.split_size`` entries: position in the full split), with
 -1 for the samples outside the training subset (``--fraction``); such samples are never negatives.
 ``n_data`` is optional and, if given, must equal ``len(train_labels)``. The bank has one row per
@@ -34,8 +34,9 @@ bank followed by a gather of the K+1 columns, the same numbers as RepDistiller's
 O(B * n_data) memory instead of O(B * K * 128). The scores and the loss are XLA-compiled
 (``jit_compile=True``) when the step is not compiled as a whole: fused, the [B, K+1] gather, exp
 and logs and their gradients cost a few passes over memory instead of one per op (about a quarter
-of CRD's extra time per step on CPU). ``losses`` is empty: the term needs the sample indices, so
-it lives in ``train_step``.
+of CRD's extra time per step on CPU); whether the step is compiled as a whole is the engine's
+``jit_compiled`` constructor keyword. ``terms`` reads the sample indices from the batch, and
+``after_step`` moves the banks with the step's embeddings (no step of its own).
 
 Per replica / tf.distribute: the loss is computed on the replica's batch (negatives drawn per
 replica). The banks, Z and the flag are mirrored variables with per-replica updates
@@ -50,7 +51,7 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput
+from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 from op_util.ops import flatten_per_sample, l2_normalize
@@ -120,11 +121,12 @@ def _replica_context():
 class CRD(Distiller):
   """{"crd": method_weight * (NCE(student anchor) + NCE(teacher anchor))} with memory banks."""
   method_weight = 0.8
+  engine_hparams = ("train_labels", "jit_compiled")
 
   def __init__(self, student, teacher, *, train_labels=None, n_data=None, feat_dim=128,
-               nce_k=16384, nce_t=0.07, nce_m=0.5, **kwargs):
+               nce_k=16384, nce_t=0.07, nce_m=0.5, jit_compiled=False, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    self._whole_step_compiled = False  # set by train_step from its StepContext
+    self.jit_compiled = bool(jit_compiled)  # the step is XLA-compiled as a whole
     if train_labels is None:
       raise UsageError("method CRD needs train_labels: the label of every index of the training "
                        "split (-1 outside the training subset); the engine passes them")
@@ -184,26 +186,28 @@ class CRD(Distiller):
 
   def _scores(self, v, bank, idx):
     """exp(bank[idx[b, j]] . v[b] / T): [B, K+1]; the bank is a constant."""
-    scores = _exp_scores if self._whole_step_compiled else _FUSED[_exp_scores]
+    scores = _exp_scores if self.jit_compiled else _FUSED[_exp_scores]
     return scores(v, tf.stop_gradient(tf.convert_to_tensor(bank.value)), idx, self.nce_t)
 
-  def _normalisers(self, out_s, out_t):
-    """Z = mean(out) * n_data of the first batch (global mean over replicas), then fixed."""
+  def _normalisers(self, out_s, out_t, training):
+    """Z = mean(out) * n_data of the first training batch (global mean over replicas), then fixed
+    (a call with ``training=False`` - ``setup``'s - leaves Z unset)."""
     means = tf.stop_gradient(tf.stack([tf.reduce_mean(out_s), tf.reduce_mean(out_t)]))
     replicas = _replica_context()
     if replicas is not None:
       means = replicas.all_reduce(tf.distribute.ReduceOp.MEAN, means)
     z = tf.where(self.z_fixed.value, self.z.value, means * float(self.sampler.n_active))
-    self.z.assign(z)
-    self.z_fixed.assign(True)
+    if training:
+      self.z.assign(z)
+      self.z_fixed.assign(True)
     return z
 
-  def contrast(self, v_s, v_t, idx):
-    """The weighted CRD term of the batch (reads the banks, fixes Z on the first call)."""
+  def contrast(self, v_s, v_t, idx, training=True):
+    """The weighted CRD term of the batch (reads the banks, fixes Z on the first training call)."""
     out_s = self._scores(v_s, self.bank_t, idx)  # student anchor, teacher bank
     out_t = self._scores(v_t, self.bank_s, idx)  # teacher anchor, student bank
-    z = self._normalisers(out_s, out_t)
-    pair = _contrast_pair if self._whole_step_compiled else _FUSED[_contrast_pair]
+    z = self._normalisers(out_s, out_t, training)
+    pair = _contrast_pair if self.jit_compiled else _FUSED[_contrast_pair]
     return self.method_weight * pair(out_s, out_t, z, float(self.sampler.n_active))
 
   def update_banks(self, index, v_s, v_t):
@@ -218,18 +222,12 @@ class CRD(Distiller):
       new = l2_normalize(self.nce_m * rows + (1.0 - self.nce_m) * v, axis=1)
       bank.value.scatter_update(tf.IndexedSlices(new, index))
 
-  # ---------------------------------------------------------------------------- the step
-  def train_step(self, batch, ctx):
-    images, labels, index = batch["image"], batch["label"], batch["index"]
-    self._whole_step_compiled = ctx.defer  # the engine's --jit_compile path
-    t = self.teacher_outputs(images)
-    idx = self.sample_indices(index, labels)
-    with tf.GradientTape() as tape:
-      s = self.student_outputs(images, training=True)
-      terms = self.total_terms(s, t, labels, images, training=True)
-      v_s, v_t = self.embed(s, t)
-      terms["crd"] = self.contrast(v_s, v_t, idx)
-      loss = tf.add_n(list(terms.values()))
-    ctx.minimize(loss, tape)
-    self.update_banks(index, v_s, v_t)
-    return StepOutput(terms, s.logits)
+  # --------------------------------------------------------------------------- the hooks
+  def terms(self, s, t, batch, *, training=True):
+    idx = self.sample_indices(batch["index"], batch["label"])
+    v_s, v_t = self.embed(s, t)
+    return {"crd": self.contrast(v_s, v_t, idx, training)}
+
+  def after_step(self, batch, s, t):
+    v_s, v_t = self.embed(s, t)
+    self.update_banks(batch["index"], v_s, v_t)

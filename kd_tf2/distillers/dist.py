@@ -40,7 +40,7 @@ class DIST(Distiller):
                        f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
                        f"{t.logits.shape[-1]}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.dist(s.logits, t.logits, beta=self.beta, gamma=self.gamma,
                           temperature=self.temperature)
     return {"dist": self.method_weight * loss}

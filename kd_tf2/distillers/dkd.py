@@ -52,8 +52,8 @@ class DKD(Distiller):
       return tf.constant(1.0)
     return tf.minimum((tf.cast(self.epoch, tf.float32) + 1.0) / self.warmup, 1.0)
 
-  def losses(self, s, t, labels, images, *, training=True):
-    loss = kd_losses.dkd(s.logits, t.logits, labels, alpha=self.alpha, beta=self.beta,
+  def terms(self, s, t, batch, *, training=True):
+    loss = kd_losses.dkd(s.logits, t.logits, batch["label"], alpha=self.alpha, beta=self.beta,
                          temperature=self.temperature)
     return {"dkd": self.warm() * self.method_weight * loss}
 

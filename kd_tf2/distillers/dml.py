@@ -25,12 +25,9 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
+from kd_tf2.distillers.base import Distiller, StepOutput, as_float32
+from kd_tf2.distillers.base import arch_name as _arch
 from kd_tf2.errors import UsageError
-
-
-def _float32(outputs):
-  return tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), outputs)
 
 
 @register("DML")
@@ -68,16 +65,16 @@ class DML(Distiller):
                        f"{s.logits.shape[-1]}, the peer {_arch(self.peer)} has "
                        f"{t.logits.shape[-1]}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     return {"dml": self.method_weight * kd_losses.dml_kl(s.logits, t.logits)}
 
   def train_step(self, batch, ctx):
     images, labels = batch["image"], batch["label"]
     with tf.GradientTape() as tape:
       s = self.student_outputs(images, training=True)
-      p = _float32(self.peer(images, training=True, features=True))
+      p = as_float32(self.peer(images, training=True, features=True))
       p_const = tf.nest.map_structure(tf.stop_gradient, p)
-      terms = self.total_terms(s, p_const, labels, images, training=True)
+      terms = self.total_terms(s, p_const, batch, training=True)
       terms["peer_ce"] = self.ce_weight * self.cross_entropy(p.logits, labels)
       terms["peer_dml"] = self.method_weight * kd_losses.dml_kl(p.logits,
                                                                  tf.stop_gradient(s.logits))

@@ -49,17 +49,14 @@ class FitNet(Distiller):
     guess = tf.cast(self.regressor(s.features[h], training=training), tf.float32)
     return tf.reduce_mean(tf.square(guess - t.features[h]))
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     return {"hint": self.method_weight * self.hint(s, t, training)}
 
   def stages(self):
     if not self.init_epochs:
       return []
 
-    def hint_only(s, t, labels, images, *, training=True):
-      return {"hint": self.method_weight * self.hint(s, t, training)}
-
     def variables():
       return list(self.student.trainable_variables) + list(self.regressor.trainable_variables)
 
-    return [Stage("hint", int(self.init_epochs), hint_only, variables)]
+    return [Stage("hint", int(self.init_epochs), self.terms, variables)]  # the hint alone

@@ -57,11 +57,11 @@ class FSP(Distiller):
                          f"(student {fs.shape[-1]}, teacher {ft.shape[-1]}); FSP needs equal "
                          "channels at every position")
 
-  def init_losses(self, s, t, labels, images, *, training=True):
+  def init_terms(self, s, t, batch, *, training=True):
     """The init stage's single, unweighted term."""
-    del labels, images, training
+    del batch, training
     return {"fsp": kd_losses.fsp(s.features, t.features)}
 
   def stages(self):
-    return [Stage("init", int(self.init_epochs), self.init_losses,
+    return [Stage("init", int(self.init_epochs), self.init_terms,
                   lambda: feature_variables(self.student))]

@@ -11,7 +11,7 @@ NeurIPS 2018, arXiv:1802.04977. METHODS.md §2.13 / §3 / §5.8; modules as RepD
 * ``paraphraser`` stage (``init_epochs``, default 30): the paraphraser alone learns to
   reconstruct the teacher map, loss MSE(decoder(encoder(t)), t) / max(1, mean(t^2)) (the plain
   MSE whenever the teacher map's mean square is <= 1, as for CIFAR-trained teachers; the divisor
-  is a library safeguard against large maps, see ``reconstruction_losses``); the student does not
+  is a library safeguard against large maps, see ``reconstruction_terms``); the student does not
   run. Its
   learning rate is 0.01 for ResNet/WRN students and the base rate otherwise (RepDistiller's rule;
   ``paraphraser_lr`` overrides it). Afterwards the paraphraser is frozen (never optimised in the
@@ -148,15 +148,15 @@ class FT(Distiller):
       raise UsageError(f"FT cannot distil {_arch(self.student)} -> {_arch(self.teacher)} with "
                        f"rate={self.rate}: int({ct} * {self.rate}) = 0 factor channels")
     self.paraphraser = Paraphraser(ct, self.rate, name="paraphraser")
-    self.translator = Translator(cs, m, bool(getattr(self.student, "synchronized_bn", False)),
+    self.translator = Translator(cs, m, self.synchronized_bn,
                                  name="translator")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     factor_s = tf.cast(self.translator(s.features[-1], training=training), tf.float32)
     factor_t = tf.stop_gradient(tf.cast(self.paraphraser.encode(t.features[-1]), tf.float32))
     return {"ft": self.method_weight * kd_losses.factor_transfer(factor_s, factor_t, p=self.p)}
 
-  def reconstruction_losses(self, s, t, labels, images, *, training=True):
+  def reconstruction_terms(self, s, t, batch, *, training=True):
     """The paraphraser stage's term: MSE(paraphraser(f_t), f_t) / max(1, mean(f_t^2)).
 
     For teacher maps with mean square <= 1 (CIFAR-trained teachers: ~0.8 measured) this is
@@ -164,7 +164,7 @@ class FT(Distiller):
     of the map's scale (a synthetic-data teacher with mean square 25 sent the loss to inf in 7 steps
     at lr 0.01); dividing by that constant keeps the minimiser and makes the update scale-free.
     """
-    del s, labels, images, training
+    del s, batch, training
     target = t.features[-1]
     rec = tf.cast(self.paraphraser(target), tf.float32)
     scale = tf.maximum(1.0, tf.reduce_mean(tf.square(target)))
@@ -175,7 +175,7 @@ class FT(Distiller):
     return list(self.student.trainable_variables) + list(self.translator.trainable_variables)
 
   def stages(self):
-    return [Stage("paraphraser", int(self.init_epochs), self.reconstruction_losses,
+    return [Stage("paraphraser", int(self.init_epochs), self.reconstruction_terms,
                   lambda: list(self.paraphraser.trainable_variables),
                   learning_rate=self.paraphraser_lr, uses_student=False)]
 

@@ -63,7 +63,7 @@ class IRG(Distiller):
       if problem:
         raise UsageError(f"IRG cannot use {role} {arch} ({pair}): {problem}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.irg(s.features[-2:], t.features[-2:], s.embedding, t.embedding, s.logits,
                          t.logits, w_vertex=self.w_vertex, w_edge=self.w_edge,
                          w_transform=self.w_transform)

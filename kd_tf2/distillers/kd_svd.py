@@ -53,7 +53,7 @@ class KDSVD(Distiller):
           raise UsageError(f"KD_SVD with k={self.k} needs maps with H*W >= {need} and C >= {need} "
                            f"({pair}): {role} stage {stage} is {h}x{w}x{c}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.kd_svd(s.features[1:], t.features[1:], k=self.k)
     return {"kd_svd": self.method_weight * loss}
 

@@ -26,5 +26,5 @@ class Logits(Distiller):
                        f"has {s.logits.shape[-1]}, teacher {self.teacher.arch} has "
                        f"{t.logits.shape[-1]}")
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     return {"logits": self.method_weight * kd_losses.logit_mse(s.logits, t.logits)}

@@ -21,11 +21,11 @@ replica's own batch (the student's BatchNorm batch statistics couple its samples
 """
 import tensorflow as tf
 
+from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput, arch_name
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.distillers.sobolev import label_logit_sum, require_same_classes
 from kd_tf2.errors import UsageError
-from op_util.ops import flatten_per_sample, l2_normalize, pool_to_match
 
 
 def grad_cam(grad):
@@ -33,18 +33,6 @@ def grad_cam(grad):
   grad = tf.cast(grad, tf.float32)
   weights = tf.reduce_mean(grad, axis=[1, 2], keepdims=True)
   return tf.nn.relu(tf.reduce_sum(weights * grad, axis=-1, keepdims=True))
-
-
-def cam_distance(cam_s, cam_t):
-  """mean |normalize(cam_s) - normalize(cam_t)| after pool-to-match; [B, H, W, 1] maps -> scalar."""
-  cam_s, cam_t = pool_to_match(cam_s, cam_t)
-  hat_s = l2_normalize(flatten_per_sample(cam_s), axis=1)
-  hat_t = l2_normalize(flatten_per_sample(cam_t), axis=1)
-  return tf.reduce_mean(tf.abs(hat_s - tf.stop_gradient(hat_t)))
-
-
-def _float32(outputs):
-  return tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), outputs)
 
 
 @register("LwM")
@@ -73,7 +61,7 @@ class LwM(Distiller):
       raw = self.teacher(images, training=False, features=True)
       target = label_logit_sum(raw.logits, labels)
     cam = grad_cam(tape.gradient(target, raw.features[self.layer]))
-    t = tf.nest.map_structure(tf.stop_gradient, _float32(raw))
+    t = tf.nest.map_structure(tf.stop_gradient, as_float32(raw))
     return t, tf.stop_gradient(cam)
 
   def train_step(self, batch, ctx):
@@ -86,9 +74,9 @@ class LwM(Distiller):
         target = label_logit_sum(raw.logits, labels)
       # The gradient is taken w.r.t. the net's own tensor (before any float32 cast).
       cam_s = grad_cam(inner.gradient(target, raw.features[self.layer]))
-      s = _float32(raw)
-      terms = self.total_terms(s, t, labels, images, training=True)
-      terms["lwm"] = self.method_weight * cam_distance(cam_s, cam_t)
+      s = as_float32(raw)
+      terms = self.total_terms(s, t, batch, training=True)
+      terms["lwm"] = self.method_weight * kd_losses.cam_distance(cam_s, cam_t)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
     return StepOutput(terms, s.logits)

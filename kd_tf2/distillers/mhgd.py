@@ -26,8 +26,9 @@ arXiv:1907.02226 (reference code: sseung0703/KD_methods_with_TF, TF1). METHODS.m
 
 Differences from the reference, documented: the teacher vector's sign follows the catalog's
 canonical rule (the reference leaves it to the SVD backend); singular vectors are unit-normalised
-(the reference divides by sqrt(||v||^2 + 1e-3)); TF's SVD gradient replaces its custom
-eigen-decomposition gradient; the attention stage's weight decay is the engine's (PyTorch-coupled
+(the reference divides by sqrt(||v||^2 + 1e-3)); the vectors come from the eigendecomposition of
+the smaller Gram matrix, shared with KD_SVD (``kd_tf2.losses.teacher_singular_vectors``), whose TF
+gradient replaces the reference's custom eigen-decomposition gradient; the attention stage's weight decay is the engine's (PyTorch-coupled
 5e-4, i.e. 2.5e-4 * ||w||^2, where the reference adds 5e-4 * ||w||^2 to the loss); the main phase's
 weight decay is likewise added by the optimiser after the clipping, as in the reference.
 
@@ -39,6 +40,7 @@ student's is.
 import keras
 import tensorflow as tf
 
+from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -48,31 +50,16 @@ from op_util import l2_normalize
 STUDENT_CANDIDATES = 4  # the student keeps its first 4 right-singular vectors (k + 3, k = 1)
 
 
-def _finite(x):
-  return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
-
-
-def _right_singular(f, n):
-  """First ``n`` right-singular vectors [B, C, n] (unit columns) of reshape(f, [B, H*W, C])."""
-  _, h, w, c = f.shape
-  _, _, v = tf.linalg.svd(tf.reshape(f, [-1, h * w, c]), full_matrices=False)
-  return l2_normalize(_finite(v[:, :, :n]), axis=1)
-
-
 def teacher_vector(f):
-  """The teacher's first right-singular vector [B, C], largest-magnitude component positive."""
-  v = _right_singular(f, 1)[:, :, 0]
-  lead = tf.gather(v, tf.argmax(tf.abs(v), axis=1), axis=1, batch_dims=1)
-  return v * tf.where(lead < 0, -1.0, 1.0)[:, None]
+  """The teacher's first right-singular vector [B, C] of reshape(f, [B, H*W, C]), largest-magnitude
+  component positive (``kd_tf2.losses.teacher_singular_vectors`` with k = 1)."""
+  return kd_losses.teacher_singular_vectors(f, 1)[0][:, :, 0]
 
 
 def student_vector(f, v_t):
-  """The student's right-singular vector [B, C] best aligned with ``v_t`` (of its first 4), with
-  the sign that makes their cosine positive."""
-  v = _right_singular(f, STUDENT_CANDIDATES)                       # [B, C, 4]
-  cos = tf.einsum("bcn,bc->bn", v, v_t)                            # [B, 4]
-  pick = tf.one_hot(tf.argmax(tf.abs(cos), axis=1), STUDENT_CANDIDATES) * tf.sign(cos)
-  return tf.einsum("bcn,bn->bc", v, pick)
+  """The student's right-singular vector [B, C] best aligned with ``v_t`` [B, C] (of its first
+  4), signed to make their cosine positive (``kd_tf2.losses.student_singular_vectors``)."""
+  return kd_losses.student_singular_vectors(f, 1, v_t[:, :, None])[:, :, 0]
 
 
 def _dense(units, use_bias, name):
@@ -123,11 +110,6 @@ class Estimator(keras.layers.Layer):
     x = tf.einsum("hij,jd->ihd", tf.cast(weights, x.dtype), x)      # [B, H, D]
     x = tf.reshape(x, [-1, self.heads * x.shape[-1]])
     return l2_normalize(self.out(x), axis=-1)
-
-
-def _kl_rows(x, y):
-  """sum over every row and entry of softmax(x) * (log_softmax(x) - log_softmax(y))."""
-  return tf.reduce_sum(tf.nn.softmax(x) * (tf.nn.log_softmax(x) - tf.nn.log_softmax(y)))
 
 
 def clip_distillation(g_main, g_dist, factor):
@@ -181,7 +163,7 @@ class MHGD(Distiller):
           raise UsageError(f"MHGD cannot distil {pair}: features[{i}] of the {who} is "
                            f"{m.shape[1]}x{m.shape[2]}x{m.shape[3]}; the SVD compression needs "
                            f"H*W >= {STUDENT_CANDIDATES} and C >= {STUDENT_CANDIDATES}")
-    sync = bool(getattr(self.student, "synchronized_bn", False))
+    sync = self.synchronized_bn
     channels = [int(f.shape[-1]) for f in ft]
     self._num_pairs = len(channels) - 1
     for l in range(1, len(channels)):
@@ -204,21 +186,21 @@ class MHGD(Distiller):
     """Attention + estimator trainables: what the ``attention`` stage optimises."""
     return [v for m in self.attentions + self.estimators for v in m.trainable_variables]
 
-  # ------------------------------------------------------------------ losses
-  def losses(self, s, t, labels, images, *, training=True):
-    del labels, images, training  # the attention modules are frozen: inference-mode BN
+  # ------------------------------------------------------------------- terms
+  def terms(self, s, t, batch, *, training=True):
+    del batch, training  # the attention modules are frozen: inference-mode BN
     v_t = [teacher_vector(f) for f in t.features[1:]]
     v_s = [student_vector(f, v) for f, v in zip(s.features[1:], v_t)]
     total = tf.constant(0.0)
     for l, attention in enumerate(self.attentions, start=1):
       g_s = tf.tanh(tf.cast(attention(v_s[l], v_s[l - 1], training=False), tf.float32))
       g_t = tf.tanh(tf.cast(attention(v_t[l], v_t[l - 1], training=False), tf.float32))
-      total += _kl_rows(g_s, tf.stop_gradient(g_t))
+      total += kd_losses.kl_rows_sum(g_s, tf.stop_gradient(g_t))
     return {"mhgd": self.method_weight * total}
 
-  def attention_losses(self, s, t, labels, images, *, training=True):
+  def attention_terms(self, s, t, batch, *, training=True):
     """The attention stage's term, on the teacher only."""
-    del s, labels, images
+    del s, batch
     v_t = [teacher_vector(f) for f in t.features[1:]]
     total = tf.constant(0.0)
     for l, (attention, estimator) in enumerate(zip(self.attentions, self.estimators), start=1):
@@ -232,18 +214,18 @@ class MHGD(Distiller):
     return list(self.student.trainable_variables)
 
   def stages(self):
-    return [Stage("attention", int(self.init_epochs), self.attention_losses,
+    return [Stage("attention", int(self.init_epochs), self.attention_terms,
                   self.module_variables, uses_student=False)]
 
   # -------------------------------------------------------------------- step
   def train_step(self, batch, ctx):
     """CE (+ KD) gradient plus the distillation gradient clipped per variable to
     ``sigmoid(epoch) * ||CE gradient||`` (reference ``Optimizer_w_MHGD``)."""
-    images, labels = batch["image"], batch["label"]
+    images = batch["image"]
     t = self.teacher_outputs(images)
     with tf.GradientTape(persistent=True) as tape:
       s = self.student_outputs(images, training=True)
-      terms = self.total_terms(s, t, labels, images, training=True)
+      terms = self.total_terms(s, t, batch, training=True)
       main = tf.add_n([v for k, v in terms.items() if k != "mhgd"])
       dist = terms["mhgd"]
     g_main = ctx.gradients(main, tape)

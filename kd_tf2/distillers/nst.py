@@ -22,6 +22,6 @@ class NST(Distiller):
   """{"nst": method_weight * sum over stage pairs of nst(f_s, f_t)}."""
   method_weight = 50.0
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     pairs = zip(s.features[1:], t.features[1:])
     return {"nst": self.method_weight * tf.add_n([kd_losses.nst(fs, ft) for fs, ft in pairs])}

@@ -181,7 +181,7 @@ class OFD(Distiller):
       raise UsageError(f"OFD needs stage preacts; {self.student.arch} has {len(s_pre)} and "
                        f"{self.teacher.arch} has {len(t_pre)}")
     self.connectors = [
-        OFDConnector(int(tp.shape[-1]), bool(getattr(self.student, "synchronized_bn", False)),
+        OFDConnector(int(tp.shape[-1]), self.synchronized_bn,
                      name=f"connector_{i}")
         for i, tp in enumerate(t_pre[:n])]
     self._t_channels = [int(tp.shape[-1]) for tp in t_pre]
@@ -191,7 +191,7 @@ class OFD(Distiller):
     """(Re)compute the per-point margins from the teacher's current BatchNorm parameters."""
     self._margins = tuple(teacher_margins(self.teacher, self._t_channels)[:len(self.connectors)])
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     n = len(self.connectors)
     terms = []
     for i, (connector, sp, tp) in enumerate(zip(self.connectors, s.preacts[1:], t.preacts[1:])):

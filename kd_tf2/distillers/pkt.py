@@ -26,7 +26,7 @@ class PKT(Distiller):
       raise UsageError(f"PKT eps={eps!r}: must be a number in (0, 1), e.g. 1e-7")
     self.eps = float(eps)
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     return {"pkt": self.method_weight * kd_losses.pkt(s.embedding, t.embedding, eps=self.eps)}
 
   def hparams(self):

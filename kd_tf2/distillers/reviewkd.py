@@ -39,13 +39,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
-from op_util import adaptive_avg_pool
 
-__all__ = ["ReviewKD", "ABF", "hcl", "nearest_resize"]
+__all__ = ["ReviewKD", "ABF", "nearest_resize"]
 
 # mdistiller's per-pair weights (CIFAR): (student arch, teacher arch) -> REVIEWKD_WEIGHT.
 _PAIR_WEIGHTS = {("resnet8x4", "resnet32x4"): 5.0}
@@ -60,28 +60,6 @@ def nearest_resize(x, size):
   rows = (np.arange(size) * h) // size
   cols = (np.arange(size) * w) // size
   return tf.gather(tf.gather(x, rows, axis=1), cols, axis=2)
-
-
-def hcl(student_maps, teacher_maps):
-  """Hierarchical context loss (mdistiller ``hcl_loss``): a sum over levels of the weighted mean
-  of the full-resolution MSE and the MSEs of the 4x4, 2x2, 1x1 average pools smaller than the
-  level. Maps are NHWC pairs of equal shape; returns a float32 scalar."""
-  total = 0.0
-  for ys, yt in zip(student_maps, teacher_maps):
-    ys, yt = tf.cast(ys, tf.float32), tf.stop_gradient(tf.cast(yt, tf.float32))
-    if ys.shape[1:] != yt.shape[1:]:
-      raise ValueError(f"hcl: student map {ys.shape} and teacher map {yt.shape} must match")
-    loss, weight, weights = tf.reduce_mean(tf.square(ys - yt)), 1.0, 1.0
-    for size in (4, 2, 1):
-      if size >= ys.shape[1]:
-        continue
-      weight /= 2.0
-      pooled_s = adaptive_avg_pool(ys, (size, size))
-      pooled_t = adaptive_avg_pool(yt, (size, size))
-      loss += weight * tf.reduce_mean(tf.square(pooled_s - pooled_t))
-      weights += weight
-    total += loss / weights
-  return total
 
 
 def _kaiming_uniform_a1():
@@ -163,7 +141,7 @@ class ReviewKD(Distiller):
         raise UsageError(f"ReviewKD needs square maps; level {i} is {xs.shape[1:]} for "
                          f"{self.student.arch} and {xt.shape[1:]} for {self.teacher.arch}")
     mid = min(512, int(s.embedding.shape[-1]))
-    sync = bool(getattr(self.student, "synchronized_bn", False))
+    sync = self.synchronized_bn
     deepest = len(s_maps) - 1
     self.abfs = [ABF(mid, int(xt.shape[-1]), fuse=i < deepest, synchronized_bn=sync, name=f"abf_{i}")
                  for i, xt in enumerate(t_maps)]
@@ -180,10 +158,10 @@ class ReviewKD(Distiller):
                                           out_size=int(t_maps[i].shape[1]), training=training)
     return outputs
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     s_maps, t_maps = self._levels(s, t)
     outputs = self.review(s_maps, t_maps, training)
-    return {"reviewkd": self.method_weight * self.warmup() * hcl(outputs, t_maps)}
+    return {"reviewkd": self.method_weight * self.warmup() * kd_losses.hcl(outputs, t_maps)}
 
   def hparams(self):
     return dict(super().hparams(), warmup_epochs=self.warmup_epochs)

@@ -32,7 +32,7 @@ class RKD(Distiller):
     self.distance_weight = _weight("distance_weight", distance_weight)
     self.angle_weight = _weight("angle_weight", angle_weight)
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     terms = {}
     if self.distance_weight:
       terms["rkd_distance"] = (self.method_weight * self.distance_weight

@@ -21,7 +21,7 @@ Zoo. METHODS.md notes the term is unstable alone: add ``--kd_weight`` for the so
 import tensorflow as tf
 
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller, StepOutput, arch_name
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
 from op_util.ops import flatten_per_sample, l2_normalize
 
@@ -47,10 +47,6 @@ def require_same_classes(method, distiller, s, t):
                      f"{arch_name(distiller.teacher)} has {k_t}")
 
 
-def _float32(outputs):
-  return tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), outputs)
-
-
 @register("Sobolev")
 class Sobolev(Distiller):
   """{"sobolev": method_weight * MSE(normalize(d z_s[y]/dx), normalize(d z_t[y]/dx))}."""
@@ -66,7 +62,7 @@ class Sobolev(Distiller):
       raw = self.teacher(images, training=False, features=True)
       target = label_logit_sum(raw.logits, labels)
     grad = tape.gradient(target, images)
-    t = tf.nest.map_structure(tf.stop_gradient, _float32(raw))
+    t = tf.nest.map_structure(tf.stop_gradient, as_float32(raw))
     return t, tf.stop_gradient(normalized_gradient(grad))
 
   def train_step(self, batch, ctx):
@@ -79,7 +75,7 @@ class Sobolev(Distiller):
         s = self.student_outputs(images, training=True)
         target = label_logit_sum(s.logits, labels)
       g_s = normalized_gradient(inner.gradient(target, images))
-      terms = self.total_terms(s, t, labels, images, training=True)
+      terms = self.total_terms(s, t, batch, training=True)
       terms["sobolev"] = self.method_weight * tf.reduce_mean(tf.square(g_s - g_t))
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)

@@ -20,6 +20,6 @@ class SP(Distiller):
   """{"sp": method_weight * similarity_preserving(features_s[-1], features_t[-1])}."""
   method_weight = 3000.0
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     loss = kd_losses.similarity_preserving(s.features[-1], t.features[-1])
     return {"sp": self.method_weight * loss}

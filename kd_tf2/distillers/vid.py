@@ -89,7 +89,7 @@ class VID(Distiller):
         VIDRegressor(ft.shape[-1], ft.shape[-1], self.init_var, self.eps, name=f"regressor_{i}")
         for i, (_, ft) in enumerate(pairs)]
 
-  def losses(self, s, t, labels, images, *, training=True):
+  def terms(self, s, t, batch, *, training=True):
     terms = []
     for regressor, fs, ft in zip(self.regressors, s.features[1:], t.features[1:]):
       fs, ft = pool_to_match(fs, ft)

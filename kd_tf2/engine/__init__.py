@@ -7,8 +7,9 @@
 
 Modules, one idea each: ``config`` (the settings of a run and their validation), ``strategy``
 (which ``tf.distribute`` strategy), ``rundir`` (the train dir: flags, checkpoints, results),
-``models`` (building, loading, exporting nets), ``loop`` (phases, distributed steps, evaluation,
-checkpoints, signals), ``summaries`` (TensorBoard and console), ``run`` (the whole command).
+``models`` (building, loading, exporting nets), ``step`` (the one compiled training step, used by
+the loop and the speed benchmark), ``loop`` (phases, epochs, evaluation, checkpoints, signals),
+``summaries`` (TensorBoard and console), ``run`` (the whole command).
 """
 from kd_tf2.engine.config import TrainConfig
 from kd_tf2.engine.loop import Evaluator, Trainer, make_optimizer

@@ -117,9 +117,8 @@ def validate(config):
     check_multi_worker_replicas(c.cpu_replicas)
   cls = distillers.get(method)
   if c.init_epochs is not None and cls.init_epochs is None:
-    with_stages = [m for m in distillers.available() if distillers.get(m).init_epochs is not None]
     raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
-                     f"(methods with one: {', '.join(with_stages)})")
+                     f"(methods with one: {', '.join(distillers.with_stages())})")
   if c.teacher_ckpt and not needs_teacher(c.replace(method=method)):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} reads no teacher (it "
                      "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
@@ -181,9 +180,7 @@ def default_train_dir(c, method, arch, teacher_arch):
 
 def needs_teacher(config):
   """Whether the run reads a teacher (the method uses one, or ``--kd_weight`` turns KD on)."""
-  cls = distillers.get(config.method)
-  kd = cls.kd_weight if config.kd_weight is None else config.kd_weight
-  return bool(cls.uses_teacher or kd)
+  return distillers.get(config.method).reads_teacher(config.kd_weight)
 
 
 def teacher_source(config):
@@ -219,10 +216,19 @@ def settings(config):
   return out
 
 
-def teacher_config(config):
-  """The config of the teacher trained into ``TRAIN_DIR/teacher`` when no checkpoint is given."""
-  return config.replace(method="none", arch=config.teacher_arch, epochs=config.teacher_epochs,
+# What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
+# training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
+# The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
+TEACHER_RESETS = ("teacher_ckpt", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
+                  "method_weight", "temperature")
+
+
+def teacher_config(config, train_dir=None):
+  """The config of the teacher trained for ``config``'s run: into ``train_dir`` (default
+  ``TRAIN_DIR/teacher``, where ``train.py`` trains it when no checkpoint is given)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  epochs = config.epochs if config.teacher_epochs is None else config.teacher_epochs
+  return config.replace(**{k: defaults[k] for k in TEACHER_RESETS}, method="none",
+                        arch=config.teacher_arch, epochs=epochs,
                         student_features=config.teacher_features, teacher_features="",
-                        teacher_ckpt="", init_epochs=None, lr=None, ce_weight=None,
-                        kd_weight=None, method_weight=None, temperature=None,
-                        train_dir=os.path.join(config.train_dir, "teacher"))
+                        train_dir=train_dir or os.path.join(config.train_dir, "teacher"))

@@ -5,12 +5,9 @@ optimiser and variables, constant learning rate) and then the ``main`` phase (th
 step-decay schedule). Epochs are counted globally across phases: TensorBoard's x axis, the
 checkpoint's progress counter and ``resuming from epoch N`` all use that count.
 
-One step (``Trainer._compile``): ``strategy.run`` calls the distiller's per-replica step
-(``Distiller.train_step`` or ``stage_step``) with a ``StepContext``; each replica's loss is divided by
-the number of replicas and the optimiser SUM-all-reduces the gradients, which makes the update the
-gradient of the global-batch mean. With ``jit_compile`` the per-replica forward/backward pass is
-compiled with XLA and the (distributed) optimiser update runs outside it. The reduced terms come
-back to Python after every step: the progress bar shows them and a non-finite value stops the run
+One step is ``kd_tf2.engine.step.compile_step`` of the distiller's per-replica step
+(``Distiller.train_step`` or ``stage_step``): the same function the speed benchmark times. The
+reduced terms come back to Python after every step: the progress bar shows them and a non-finite value stops the run
 before any checkpoint is written, so the last checkpoint always holds finite weights.
 """
 import functools
@@ -25,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import optim
-from kd_tf2.distillers.base import StepContext
 from kd_tf2.engine.rundir import usable_checkpoint
+from kd_tf2.engine import step as step_lib
 from kd_tf2.engine.summaries import Progress, say
 from kd_tf2.errors import TrainingDiverged, TrainingInterrupted, UsageError
 
@@ -142,6 +139,9 @@ class Trainer:
     summaries: a ``Summaries`` (TensorBoard) or None; metrics_sink: ``fn(record)`` or None.
     verbose: progress bar and one line per epoch.
     extra_checkpointed: further variables to checkpoint (e.g. a peer trained with the student).
+    resume_from: ``(prefix, damaged)`` - the checkpoint to resume from (None: start from epoch
+      0) and the newer damaged ones skipped - as ``RunDir.state`` chose it; default: look in
+      ``restore_dir`` (``rundir.usable_checkpoint``).
     on_start: ``fn(epochs_done)`` called once the starting point is known (0 without a checkpoint),
       e.g. to drop the metrics of epochs logged by a killed process but lost with its checkpoint,
       which are trained again; or None.
@@ -150,7 +150,8 @@ class Trainer:
   def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
                global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
                loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
-               metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None):
+               metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None,
+               resume_from=None):
     self.strategy, self.student, self.distiller = strategy, student, distiller
     self.train_data, self.test_data = train_data, test_data
     self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
@@ -191,60 +192,22 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(**tracked)
     self.manager = None
     self.restore_dir = restore_dir or checkpoint_dir
+    self.resume_from = resume_from
     if checkpoint_dir:
       self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir, max_to_keep=2)
 
   # ------------------------------------------------------------------ steps
-  def _compile(self, phase):
-    """The distributed step of ``phase``: ``batch -> {term: mean over replicas, "loss", ...}``."""
-    ctx = StepContext(phase.optimizer, phase.variables, self.replicas, defer=self.jit_compile)
-    traced_vars = []
-
-    def compute(batch):
-      out = phase.step(batch, ctx)
-      pending = ctx.take_pending()
-      traced_vars[:] = [v for _, v in pending]
-      return out.terms, out.logits, [g for g, _ in pending]
-
-    if self.jit_compile:
-      compute = tf.function(compute, jit_compile=True)
-
-    def replica(batch):
-      terms, logits, grads = compute(batch)
-      if grads:
-        phase.optimizer.apply_gradients(zip(grads, traced_vars))
-      out = {k: tf.cast(v, tf.float32) for k, v in terms.items()}
-      out["loss"] = tf.add_n(list(out.values()))
-      labels = tf.cast(tf.reshape(batch["label"], [-1]), tf.int64)
-      if logits is None:
-        correct = tf.constant(0.0)
-      else:
-        pred = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        correct = tf.reduce_sum(tf.cast(tf.equal(pred, labels), tf.float32))
-      return out, correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-    @tf.function
-    def step(batch):
-      out, correct, count = self.strategy.run(replica, args=(batch,))
-      mean = tf.distribute.ReduceOp.MEAN
-      total = tf.distribute.ReduceOp.SUM
-      red = {k: self.strategy.reduce(mean, v, axis=None) for k, v in out.items()}
-      red["_correct"] = self.strategy.reduce(total, correct, axis=None)
-      red["_count"] = self.strategy.reduce(total, count, axis=None)
-      return red
-
-    return step
-
   def distributed_step(self, phase=MAIN):
     """The compiled distributed step of the phase named ``phase`` (``"main"`` or
-    ``"stage_<name>"``): ``step(distributed_batch) -> {term: float32 scalar}`` with every loss
-    term and ``"loss"`` averaged over replicas, plus ``"_correct"``/``"_count"`` summed. One
-    optimiser update per call. For benchmarks and tests; ``fit`` uses it."""
+    ``"stage_<name>"``): ``step(distributed_batch) -> (terms, metrics)`` of
+    ``kd_tf2.engine.step.compile_step``. One optimiser update per call."""
     if phase not in self._steps:
       by_name = {p.name: p for p in self.phases}
       if phase not in by_name:
         raise ValueError(f"unknown phase {phase!r}; this run has {', '.join(by_name)}")
-      self._steps[phase] = self._compile(by_name[phase])
+      p = by_name[phase]
+      self._steps[phase] = step_lib.compile_step(self.strategy, p.step, p.optimizer, p.variables,
+                                                 jit_compile=self.jit_compile)
     return self._steps[phase]
 
   def _distributed_train_data(self, skip):
@@ -266,7 +229,7 @@ class Trainer:
     """Restore the newest checkpoint that reads back whole, if any; returns (epochs done, steps
     done in the next). Newer damaged checkpoints (a crash mid-write) are named and skipped; if
     there are checkpoints but none is readable, ``UsageError``."""
-    prefix, damaged = usable_checkpoint(self.restore_dir)
+    prefix, damaged = self.resume_from or usable_checkpoint(self.restore_dir)
     for name, reason in damaged:
       print(f"warning: checkpoint {name} in {self.restore_dir} is damaged ({reason}); falling "
             "back to the previous one", file=sys.stderr, flush=True)
@@ -295,11 +258,10 @@ class Trainer:
       for batch in self._distributed_train_data(skip):
         if steps >= self.steps_per_epoch:  # equal step counts on every worker
           break
-        out = {k: float(v) for k, v in step(batch).items()}
+        terms, metrics = step(batch)
+        out = {k: float(v) for k, v in terms.items()}
         steps += 1
         for key, value in out.items():
-          if key.startswith("_"):
-            continue
           if not math.isfinite(value):
             kept = f"the last checkpoint (epoch {epoch}{f' step {skip}' if skip else ''}) is kept"
             if not epoch and not skip:
@@ -307,8 +269,8 @@ class Trainer:
             raise TrainingDiverged(f"non-finite loss term {key!r} = {value} at epoch {epoch + 1} "
                                    f"step {steps} ({phase.name}); stopped without saving: {kept}")
           sums[key] = sums.get(key, 0.0) + value
-        correct += out["_correct"]
-        count += out["_count"]
+        correct += float(metrics["correct"])
+        count += float(metrics["count"])
         bar.update({"loss": out["loss"], "acc": 100.0 * correct / max(count, 1.0)})
         if stop.signal is not None:
           self._save(epoch, steps)

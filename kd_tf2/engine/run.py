@@ -49,12 +49,9 @@ def eval_split(splits):
 
 
 def engine_hparams(method_cls, config):
-  """Constructor keywords a method asks the engine for (``Distiller`` docstring), by name."""
-  accepted = set(method_cls.accepted_hparams())
-  out = {}
-  if "train_labels" in accepted:
-    out["train_labels"] = train_labels(config)
-  return out
+  """Constructor keywords the method asks the engine for (``Distiller.engine_hparams``)."""
+  return distillers.engine_kwargs(method_cls, train_labels=lambda: train_labels(config),
+                                  jit_compiled=lambda: config.jit_compile)
 
 
 def train_labels(config):
@@ -222,6 +219,7 @@ class _Job:
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
         on_start=self.run.trim_metrics if self.chief else None, verbose=c.verbose,
+        resume_from=self.run.newest,
         extra_checkpointed=teacher.weights if self.source == "fresh" else ())
 
   def export(self, student, teacher, distiller, as_teacher=False):

@@ -61,10 +61,36 @@ class RunDir:
   def saved_model(self):
     return self.join(SAVED_MODEL)
 
+  def settings(self):
+    """The experiment settings recorded by ``create`` (a dict), or None when the dir holds no
+    flags file; ``UsageError`` if that file is unreadable."""
+    record = self._record()
+    return None if record is None else record["settings"]
+
+  def _record(self):
+    flags_path = self.join(FLAGS_FILE)
+    if not os.path.exists(flags_path):
+      return None
+    try:
+      with open(flags_path) as f:
+        record = json.load(f)
+      record["settings"]  # pylint: disable=pointless-statement
+      return record
+    except (OSError, ValueError, KeyError, TypeError):
+      raise UsageError(f"{flags_path} is unreadable or corrupt; choose another --train_dir") from None
+
+  def settings_diff(self, settings):
+    """``[(name, recorded value, value of settings), ...]`` where the recorded settings and
+    ``settings`` differ (JSON-normalised: tuples compare as lists)."""
+    return _diff(self.settings() or {}, settings)
+
   def state(self, settings, subset=None):
     """``NEW``, ``RESUME`` or ``DONE``; ``UsageError`` if the dir belongs to another experiment
     (other settings, or another training ``subset`` - a dict as ``create`` records it), is not a
-    train dir, cannot be written, or holds checkpoints none of which can be read. Writes nothing."""
+    train dir, cannot be written, or holds checkpoints none of which can be read. Writes nothing.
+    For ``RESUME``, ``self.newest`` is then ``(prefix, damaged)`` of ``usable_checkpoint``: the
+    checkpoint the run resumes from (the one place that chooses it)."""
+    self.newest = (None, [])
     if os.path.exists(self.path) and not os.path.isdir(self.path):
       raise UsageError(f"--train_dir={self.path} exists and is not a directory")
     flags_path = self.join(FLAGS_FILE)
@@ -77,18 +103,13 @@ class RunDir:
                          f"(no {FLAGS_FILE}); choose another --train_dir")
       _check_creatable(self.path)
       return NEW
-    try:
-      with open(flags_path) as f:
-        record = json.load(f)
-      stored = record["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-      raise UsageError(f"{flags_path} is unreadable or corrupt; choose another --train_dir") from None
-    diff = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+    record = self._record()
+    diff = _diff(record["settings"], settings)
     if diff:
-      detail = ", ".join(f"--{k}={stored.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
+      detail = ", ".join(f"--{k}={there!r} there vs {now!r} now" for k, there, now in diff)
       raise UsageError(f"--train_dir={self.path} was made with different flags ({detail}); rerun "
                        "with the same flags to resume, or choose another --train_dir")
-    recorded = record.get("subset") if isinstance(record, dict) else None
+    recorded = record.get("subset")
     if subset is not None and recorded is not None and recorded != subset:
       raise UsageError(
           f"--train_dir={self.path} was trained on another subset of the training split "
@@ -99,7 +120,7 @@ class RunDir:
       raise UsageError(f"--train_dir={self.path} is not writable")
     if os.path.exists(self.join(RESULTS_FILE)):
       return DONE
-    usable, damaged = usable_checkpoint(self.checkpoints)
+    usable, damaged = self.newest = usable_checkpoint(self.checkpoints)
     if damaged and usable is None:
       why = "; ".join(f"{name}: {reason}" for name, reason in damaged)
       raise UsageError(f"--train_dir={self.path}: no checkpoint in {self.checkpoints} can be read "
@@ -144,8 +165,16 @@ class RunDir:
     _write_json(self.join(RESULTS_FILE), results)
 
   def results(self):
+    """The results dict of a finished run (``results.json``); ``OSError``/``ValueError`` if the
+    run has none or it is unreadable."""
     with open(self.join(RESULTS_FILE)) as f:
       return json.load(f)
+
+
+def _diff(stored, settings):
+  wanted = json.loads(json.dumps(settings))
+  return [(k, stored.get(k), wanted.get(k)) for k in sorted(set(stored) | set(wanted))
+          if stored.get(k) != wanted.get(k)]
 
 
 def _describe(subset):

@@ -1,4 +1,5 @@
-"""Feature-map losses: AT, NST, AB, OFD, VID, FT, AFD (METHODS.md §2.3, 2.4, 2.10-2.13, 2.17).
+"""Feature-map losses: AT, NST, AB, OFD, VID, FT, AFD, ReviewKD's HCL, LwM's CAM distance
+(METHODS.md §2.3, 2.4, 2.10-2.13, 2.17, §4).
 
 Pure functions (DESIGN.md contract 2): tensors in, a float32 scalar out (``ofd_margin``: ``[C]``),
 no variables, usable eagerly, in ``tf.function`` and under ``jit_compile=True``. Inputs are cast to
@@ -10,9 +11,11 @@ import math
 
 import tensorflow as tf
 
-from op_util import flatten_per_sample, l2_normalize, pool_to_match
+from op_util import adaptive_avg_pool, flatten_per_sample, l2_normalize, pool_to_match
 
 __all__ = [
+    "hcl",
+    "cam_distance",
     "attention_transfer",
     "nst",
     "activation_boundary",
@@ -271,3 +274,35 @@ def afd(s_feat, t_feat, rho):
 
   per_channel = tf.reduce_mean(tf.square(normalize(s) - normalize(t)), axis=[1, 2])  # [B, C]
   return tf.reduce_sum(r * per_channel) / _batch_size(s)
+
+
+# --------------------------------------------------------------------------- ReviewKD, LwM
+
+def hcl(student_maps, teacher_maps):
+  """Hierarchical context loss (mdistiller ``hcl_loss``): a sum over levels of the weighted mean
+  of the full-resolution MSE and the MSEs of the 4x4, 2x2, 1x1 average pools smaller than the
+  level. Maps are NHWC pairs of equal shape; returns a float32 scalar."""
+  total = 0.0
+  for ys, yt in zip(student_maps, teacher_maps):
+    ys, yt = tf.cast(ys, tf.float32), tf.stop_gradient(tf.cast(yt, tf.float32))
+    if ys.shape[1:] != yt.shape[1:]:
+      raise ValueError(f"hcl: student map {ys.shape} and teacher map {yt.shape} must match")
+    loss, weight, weights = tf.reduce_mean(tf.square(ys - yt)), 1.0, 1.0
+    for size in (4, 2, 1):
+      if size >= ys.shape[1]:
+        continue
+      weight /= 2.0
+      pooled_s = adaptive_avg_pool(ys, (size, size))
+      pooled_t = adaptive_avg_pool(yt, (size, size))
+      loss += weight * tf.reduce_mean(tf.square(pooled_s - pooled_t))
+      weights += weight
+    total += loss / weights
+  return total
+
+
+def cam_distance(cam_s, cam_t):
+  """mean |normalize(cam_s) - normalize(cam_t)| after pool-to-match; [B, H, W, 1] maps -> scalar."""
+  cam_s, cam_t = pool_to_match(cam_s, cam_t)
+  hat_s = l2_normalize(flatten_per_sample(cam_s), axis=1)
+  hat_t = l2_normalize(flatten_per_sample(cam_t), axis=1)
+  return tf.reduce_mean(tf.abs(hat_s - tf.stop_gradient(hat_t)))

@@ -1,4 +1,5 @@
-"""Response (logit) losses: ST, Logits, DKD, DIST, DML (METHODS.md §2.1, 2.2, 2.15, 2.16, 2.20).
+"""Response (logit) losses: ST, Logits, DKD, DIST, DML, BSS's and MHGD's KLs (METHODS.md §2.1, 2.2,
+2.15, 2.16, 2.20, §4).
 
 Pure functions (DESIGN.md contract 2): logits ``[B, K]`` in, a float32 scalar out, no variables,
 usable eagerly, in ``tf.function`` and under ``jit_compile=True``. Inputs are cast to float32 first.
@@ -7,7 +8,7 @@ comes from ``log_softmax`` (never ``log(softmax)``), so gradients stay finite fo
 """
 import tensorflow as tf
 
-__all__ = ["soft_target", "logit_mse", "dkd", "dist", "dml_kl"]
+__all__ = ["soft_target", "logit_mse", "dkd", "dist", "dml_kl", "kl_without_t2", "kl_rows_sum"]
 
 # Added to masked-out logits: exp() underflows to exactly 0 but stays finite (no inf - inf).
 _MASKED_LOGIT = -1e9
@@ -135,3 +136,25 @@ def dml_kl(s_logits, peer_logits):
   """
   s, peer = _logit_pair("dml_kl", s_logits, peer_logits, t_arg="peer")
   return _kl_batchmean(tf.nn.log_softmax(peer, axis=-1), tf.nn.log_softmax(s, axis=-1))
+
+
+# --------------------------------------------------------------------------- BSS, MHGD
+
+def kl_without_t2(s_logits, t_logits, temperature, mask):
+  """BSS's KL: masked batch-mean of KL(softmax(t/T) || softmax(s/T)) without T^2 (Zoo BSS).
+
+  s_logits, t_logits: [B, K]; mask: [B] bool or 0/1 (rows that count). Float32 scalar.
+  """
+  s_logits, t_logits = _f32(s_logits), _f32(t_logits)
+  log_p_t = tf.nn.log_softmax(t_logits / temperature)
+  log_p_s = tf.nn.log_softmax(s_logits / temperature)
+  per_row = tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=1)
+  mask = tf.cast(mask, tf.float32)
+  return tf.reduce_sum(per_row * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+
+def kl_rows_sum(x, y):
+  """MHGD's attention KL: sum over every row and entry of softmax(x) * (log_softmax(x) -
+  log_softmax(y)); x, y [..., N] (sum, not a batch mean). Float32 scalar."""
+  x, y = _f32(x), _f32(y)
+  return tf.reduce_sum(tf.nn.softmax(x) * (tf.nn.log_softmax(x) - tf.nn.log_softmax(y)))

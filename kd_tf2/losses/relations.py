@@ -25,6 +25,8 @@ __all__ = [
     "fsp_matrix",
     "fsp",
     "kd_svd",
+    "teacher_singular_vectors",
+    "student_singular_vectors",
 ]
 
 # Squared distances below this fraction of (|e_i|^2 + |e_j|^2) (embeddings centred on the batch
@@ -386,23 +388,26 @@ def _top_right_singular(f, n):
   return _finite(sigma), l2_normalize(_finite(v), axis=1)
 
 
-def _teacher_svd(f, k):
-  """Teacher's first k right-singular vectors, canonical sign, scaled by normalize(sigma[:k])."""
-  sigma, v = _top_right_singular(f, k)
+def teacher_singular_vectors(f, k):
+  """The teacher side of KD-SVD / MHGD: the first k right-singular vectors of
+  reshape(f, [B, H*W, C]) with the catalog's canonical sign (largest-magnitude component
+  positive), unit columns [B, C, k], and normalize(sigma[:k]) [B, k]. f: NHWC, H*W >= k, C >= k."""
+  sigma, v = _top_right_singular(_f32(f), k)
   pivot = tf.argmax(tf.abs(v), axis=1)                               # [B, k]
   lead = tf.gather(tf.transpose(v, [0, 2, 1]), pivot, axis=2, batch_dims=2)
   v = v * tf.where(lead < 0, -1.0, 1.0)[:, None, :]
-  scale = l2_normalize(sigma, axis=1)
-  return v * scale[:, None, :], v, scale
+  return v, l2_normalize(sigma, axis=1)
 
 
-def _student_svd(f, k, v_t, scale):
-  """Student's first k+3 right-singular vectors aligned to the teacher's: a [B, C, k]."""
-  _, v_s = _top_right_singular(f, k + 3)
+def student_singular_vectors(f, k, v_t):
+  """The student side: of its first k+3 right-singular vectors [B, C, k+3], the one best aligned
+  with each teacher vector of ``v_t`` [B, C, k] (largest |cosine|), signed to make the cosine
+  positive: [B, C, k] unit columns. f: NHWC with H*W >= k+3 and C >= k+3."""
+  _, v_s = _top_right_singular(_f32(f), k + 3)
   cos = tf.matmul(v_s, v_t, transpose_a=True)                        # [B, k+3, k]
   best = tf.argmax(tf.abs(cos), axis=1)                              # [B, k]
   pick = tf.one_hot(best, k + 3, axis=1) * tf.sign(cos)              # [B, k+3, k]
-  return tf.matmul(v_s, pick) * scale[:, None, :]
+  return tf.matmul(v_s, pick)
 
 
 def _svd_relation(cur, prev):
@@ -451,8 +456,9 @@ def kd_svd(s_feats, t_feats, k=1):
   loss = tf.constant(0.0)
   prev_s = prev_t = None
   for s, t in zip(s_feats, t_feats):
-    v_t, v_t_unit, scale = _teacher_svd(t, k)
-    a_s = _student_svd(s, k, v_t_unit, scale)
+    v_t_unit, scale = teacher_singular_vectors(t, k)
+    v_t = v_t_unit * scale[:, None, :]
+    a_s = student_singular_vectors(s, k, v_t_unit) * scale[:, None, :]
     if prev_s is not None:
       sq = tf.square(_svd_relation(a_s, prev_s) - _svd_relation(v_t, prev_t))
       loss += tf.reduce_sum(_finite(sq)) / _batch_size(s)
