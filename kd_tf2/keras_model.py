@@ -180,6 +180,14 @@ class Distillation(keras.Model):
     self._val_trackers["accuracy"].update_state(_correct(logits, labels))
     return {k: t.result() for k, t in self._val_trackers.items()}
 
+  def save(self, filepath, *args, **kwargs):
+    """Refused: the wrapper is a training harness. Save ``.student`` (the trained classifier), or
+    the wrapper's weights (``save_weights`` / ``ModelCheckpoint(save_weights_only=True)``)."""
+    del args, kwargs
+    raise UsageError(f"Distillation.save({filepath!r}): save the trained student "
+                     "(distill.student.save(...)); to checkpoint training use save_weights or "
+                     "keras.callbacks.ModelCheckpoint(..., save_weights_only=True)")
+
   def predict_step(self, data):
     x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
     return self.call(x, training=False)

@@ -181,8 +181,10 @@ class _Job:
     train(self.teacher_cfg, flags=dict(dataclasses.asdict(self.teacher_cfg),
                                        trained_for=self.run.path))
     with self.strategy.scope():
-      return models.load_teacher(self.teacher_cfg.train_dir, None,
-                                 self.info.num_classes, self.input_shape)
+      teacher = models.load_teacher(self.teacher_cfg.train_dir, None, self.info.num_classes,
+                                    self.input_shape, features=c.teacher_features)
+    self.teacher_name = models.describe(teacher)[0]
+    return teacher
 
   def announce(self, teacher, distiller):
     """Teacher accuracy (when it is a trained one) and a one-line description of the run."""
