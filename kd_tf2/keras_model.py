@@ -1,4 +1,4 @@
-"""``kd_tf2.Distillation``: any registered method as a ``keras.Model`` for ``compile()`` / ``fit()``.
+"""``kd_tf2.Distillation``: any registered method as a ``keras.Model`` for ``compile``/``fit``.
 
     d = kd_tf2.Distillation("AT", student, teacher)        # any Keras classifiers (kd_tf2.adapt)
     d.compile()                                            # the reference SGD when no optimizer
@@ -72,7 +72,7 @@ class Distillation(keras.Model):
   student:     any Keras classifier (adapted with ``kd_tf2.adapt``; zoo nets as they are).
   teacher:     any Keras classifier, or None for methods without one (``none``).
   input_shape: (H, W, C) of one image; default: the student's input shape.
-  hparams:     the method's keyword arguments (``method_weight``, ``temperature``, ``init_epochs``...).
+  hparams:     the method's keywords (``method_weight``, ``temperature``, ``init_epochs``...).
 
   ``.student`` is the student being trained (a ``kd_tf2.adapt`` model when it was adapted; its
   ``.source`` is the model you passed, sharing the weights); ``.distiller`` the method.

@@ -172,19 +172,19 @@ def export(model, run, input_shape, keras_file=None, info=None):
   shape = (None,) + tuple(int(d) for d in input_shape)
   archive = keras.export.ExportArchive()
   archive.track(model)
-  raw = None
-  if info is not None:
+  float_spec = tf.TensorSpec(shape, tf.float32, name="images")
+  if info is None:
+    archive.add_endpoint("serve", lambda x: model(x, training=False), [float_spec])
+  else:
     scale, shift = normalization(info.mean, info.std)
+    uint8_spec = tf.TensorSpec(shape, tf.uint8, name="images")
 
     def raw(images):
-      x = tf.cast(images, tf.float32) * scale - shift
-      return model(x, training=False)
+      return model(tf.cast(images, tf.float32) * scale - shift, training=False)
 
-    archive.add_endpoint("serving_default", raw, [tf.TensorSpec(shape, tf.uint8, name="images")])
-  archive.add_endpoint("serve", lambda x: model(x, training=False),
-                       [tf.TensorSpec(shape, tf.float32, name="images")])
-  if raw is not None:
-    archive.add_endpoint("serve_uint8", raw, [tf.TensorSpec(shape, tf.uint8, name="images")])
+    archive.add_endpoint("serving_default", raw, [uint8_spec])
+    archive.add_endpoint("serve", lambda x: model(x, training=False), [float_spec])
+    archive.add_endpoint("serve_uint8", raw, [uint8_spec])
   archive.write_out(run.saved_model, verbose=False)
 
 

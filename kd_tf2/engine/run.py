@@ -194,7 +194,8 @@ class _Job:
       self.say(f"teacher {name}: test top1 {results['teacher_top1']:.2f}")
     pair = {None: "", "fresh": f"{name} (peer, trained together) & "}.get(
         self.source, f"{name} -> ")
-    self.say(f"{distiller.method_name}: {pair}{cfg.net_label(c.arch)} on {c.dataset} ({self.info.num_examples} "
+    self.say(f"{distiller.method_name}: {pair}{cfg.net_label(c.arch)} on {c.dataset} "
+             f"({self.info.num_examples} "
              f"training images, {self.info.num_batches} steps/epoch, {self.replicas} "
              f"replica(s)); weights {distiller.hparams()}; train dir {self.run.path}")
     return results
