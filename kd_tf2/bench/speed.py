@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 
+from kd_tf2.checks import is_int
+
 STUDENT = "none"
 FLOOR = "floor"
 RESULT_PREFIX = "KD_TF2_SPEED_RESULT "
@@ -81,7 +83,7 @@ def validate(config):
   for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("num_classes", 2),
                     ("image_size", 8), ("train_size", 2), ("seed", 0)):
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
       raise UsageError(f"--{name}={value!r}: must be an integer >= {low}")
   if config.train_size < config.batch_size:
     raise UsageError(f"--train_size={config.train_size} is smaller than --batch_size="

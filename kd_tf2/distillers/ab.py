@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.connectors import ConvReg
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch, feature_variables
@@ -52,7 +53,7 @@ class AB(Distiller):
 
   def __init__(self, student, teacher, *, margin=1.0, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+    if not is_number(margin) or margin < 0:
       raise UsageError(f"AB margin={margin!r}: must be a number >= 0")
     self.margin = float(margin)
     if kwargs.get("method_weight") is not None:

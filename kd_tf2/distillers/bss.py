@@ -39,6 +39,7 @@ saturated teacher softmax gives g = 0, where the Zoo divides by zero).
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -121,9 +122,9 @@ class BSS(Distiller):
     lowest = dict(attack_size=1, attack_steps=0, warmup_epochs=0)
     values = dict(attack_size=attack_size, attack_steps=attack_steps, warmup_epochs=warmup_epochs)
     for key, value in values.items():
-      if not isinstance(value, int) or isinstance(value, bool) or value < lowest[key]:
+      if not is_int(value) or value < lowest[key]:
         raise UsageError(f"{key}={value!r} for method BSS: must be an integer >= {lowest[key]}")
-    if not isinstance(step_size, (int, float)) or isinstance(step_size, bool) or step_size <= 0:
+    if not is_number(step_size) or step_size <= 0:
       raise UsageError(f"step_size={step_size!r} for method BSS: must be a number > 0")
     self.attack_size, self.attack_steps = attack_size, attack_steps
     self.step_size, self.warmup_epochs = float(step_size), warmup_epochs

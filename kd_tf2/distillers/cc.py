@@ -15,6 +15,7 @@ Per replica: the B x B correlation matrices relate this replica's samples only; 
 on the per-replica batch.
 """
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -27,9 +28,9 @@ class CC(Distiller):
 
   def __init__(self, student, teacher, *, gamma=0.4, order=2, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+    if not is_number(gamma) or gamma <= 0:
       raise UsageError(f"CC gamma={gamma!r}: must be a number > 0 (default 0.4)")
-    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+    if not is_int(order) or order < 0:
       raise UsageError(f"CC order={order!r}: must be an integer >= 0 (default 2)")
     self.gamma, self.order = float(gamma), order
 

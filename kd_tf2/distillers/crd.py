@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -106,7 +107,7 @@ _FUSED = {f: tf.function(f, jit_compile=True) for f in (_exp_scores, _contrast_p
 
 
 def _int_at_least(key, value, low):
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+  if not (is_int(value) or isinstance(value, np.integer)) or value < low:
     raise UsageError(f"{key}={value!r} for method CRD: must be an integer >= {low}")
   return int(value)
 
@@ -143,9 +144,9 @@ class CRD(Distiller):
     self.feat_dim = _int_at_least("feat_dim", feat_dim, 1)
     self.nce_k = _int_at_least("nce_k", nce_k, 1)
     self.num_negatives = min(self.nce_k, self.sampler.n_active - 1)
-    if not isinstance(nce_t, (int, float)) or isinstance(nce_t, bool) or nce_t <= 0:
+    if not is_number(nce_t) or nce_t <= 0:
       raise UsageError(f"nce_t={nce_t!r} for method CRD: must be a number > 0")
-    if not isinstance(nce_m, (int, float)) or isinstance(nce_m, bool) or not 0 <= nce_m < 1:
+    if not is_number(nce_m) or not 0 <= nce_m < 1:
       raise UsageError(f"nce_m={nce_m!r} for method CRD: must be a number in [0, 1)")
     self.nce_t, self.nce_m = float(nce_t), float(nce_m)
 

@@ -17,13 +17,14 @@ Per replica: the loss is a mean over this replica's samples (no batch relation).
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 
 
 def _number(name, value, minimum=0.0):
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+  if not is_number(value) or value < minimum:
     raise UsageError(f"DKD {name}={value!r}: must be a number >= {minimum:g}")
   return float(value)
 

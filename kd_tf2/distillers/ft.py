@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -127,14 +128,12 @@ class FT(Distiller):
 
   def __init__(self, student, teacher, *, rate=0.5, p=1.0, paraphraser_lr=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate:
+    if not is_number(rate) or not 0 < rate:
       raise UsageError(f"FT rate={rate!r}: must be a number > 0 (the factor has int(rate*C) "
                        "channels; the paper uses 0.5)")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+    if not is_number(p) or p <= 0:
       raise UsageError(f"FT p={p!r}: must be a number > 0 (the paper uses 1)")
-    if paraphraser_lr is not None and (isinstance(paraphraser_lr, bool) or
-                                       not isinstance(paraphraser_lr, (int, float)) or
-                                       paraphraser_lr <= 0):
+    if paraphraser_lr is not None and (not is_number(paraphraser_lr) or paraphraser_lr <= 0):
       raise UsageError(f"FT paraphraser_lr={paraphraser_lr!r}: must be a number > 0 or None")
     self.rate, self.p = float(rate), float(p)
     if paraphraser_lr is None and _resnet_or_wrn(_arch(student)):

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -122,8 +123,7 @@ class ReviewKD(Distiller):
     if not explicit_weight:
       pair = (getattr(student, "arch", None), getattr(teacher, "arch", None))
       self.method_weight = _PAIR_WEIGHTS.get(pair, type(self).method_weight)
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) \
-        or not warmup_epochs > 0:
+    if not is_number(warmup_epochs) or not warmup_epochs > 0:
       raise UsageError(f"ReviewKD warmup_epochs={warmup_epochs!r}: must be a number > 0")
     self.warmup_epochs = float(warmup_epochs)
 
