@@ -5,6 +5,7 @@ directory; a fresh interpreter that has only that directory and TensorFlow - the
 ``keras.saving.load_model`` before importing anything of ours, a zoo student once ``nets`` is
 imported, and an ``Adapted`` model once ``kd_tf2.adapter`` is."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,9 +25,13 @@ from test_adapt import convnet  # noqa: E402  pylint: disable=wrong-import-posit
 def installed(tmp_path_factory):
   target = tmp_path_factory.mktemp("site")
   build = tmp_path_factory.mktemp("build")
+  # A copy of the checkout: setuptools writes build/ and *.egg-info next to the sources.
+  source = str(build / "src")
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
   proc = subprocess.run(
       [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-       "--target", str(target), ROOT], cwd=str(build), capture_output=True, text=True,
+       "--target", str(target), source], cwd=str(build), capture_output=True, text=True,
       timeout=600, check=False,
       env=dict(os.environ, PIP_NO_INDEX="1", TMPDIR=str(build)))
   assert proc.returncode == 0, proc.stderr[-3000:]
