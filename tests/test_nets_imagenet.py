@@ -20,7 +20,8 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 NAMES = ("resnet18_imagenet", "resnet50_imagenet", "mobilenetv1_imagenet")
 
 # Trainable parameters at 1000 classes: torchvision's published counts for resnet18/34/50; for
-# MobileNetV1 the count of mdistiller's model (PyTorch, sum of p.numel()); then BN statistics.
+# MobileNetV1 (conv without bias + BN, as mdistiller's) the published MobileNet-224 count, which
+# keras.applications.MobileNet(alpha=1) also has as trainable parameters; then BN statistics.
 COUNTS = {"resnet18_imagenet": (11689512, 9600), "resnet34_imagenet": (21797672, 17024),
           "resnet50_imagenet": (25557032, 53120), "mobilenetv1_imagenet": (4231976, 21888)}
 

@@ -189,7 +189,8 @@ def _engine_hparams(cls, config):
   split (CIFAR's 50000 by default)."""
   from kd_tf2 import distillers  # pylint: disable=import-outside-toplevel
   return distillers.engine_kwargs(cls, train_labels=lambda: _train_labels(config),
-                                  jit_compiled=lambda: config.jit_compile)
+                                  jit_compiled=lambda: config.jit_compile,
+                                  protocol=lambda: "cifar")
 
 
 def _floor_step(nets_, config, loss_scale):

@@ -143,18 +143,26 @@ class BSS(Distiller):
     ramp = tf.maximum(1.0 - 1.25 * epoch / float(max(self.epochs, 1)), 0.0)
     return tf.where(epoch < float(self.warmup_epochs), 0.0, self.method_weight * ramp)
 
-  def boundary_loss(self, images, labels, s_logits, t_logits, weight):
+  def attack_classes(self, t_logits, rows, batch=None):
+    """int32 [A]: the attack class of each selected row. Drawn by ``sample_attack_class`` unless
+    the batch carries ``"bss_attack_class"`` (int [B], one class per sample: a replay of fixed
+    draws, e.g. the step-parity fixture of the Zoo's own draws)."""
+    if batch is not None and "bss_attack_class" in batch:
+      return tf.gather(tf.cast(batch["bss_attack_class"], tf.int32), rows)
+    return sample_attack_class(tf.gather(t_logits, rows))
+
+  def boundary_loss(self, images, labels, s_logits, t_logits, weight, batch=None):
     """weight * L_bss of one batch (0 while the weight is 0 or no sample is a candidate)."""
-    batch = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
-    size = (min(self.attack_size, batch) if isinstance(batch, int)
-            else tf.minimum(self.attack_size, batch))
+    rows_in = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+    size = (min(self.attack_size, rows_in) if isinstance(rows_in, int)
+            else tf.minimum(self.attack_size, rows_in))
     rows, valid = select_candidates(tf.stop_gradient(s_logits), t_logits, labels, size)
     chosen = tf.gather(images, rows)
     run = (weight > 0) & tf.reduce_any(valid)
 
     def attack():  # teacher only (inference mode: no cross-replica op inside the branch)
       target = tf.gather(tf.cast(labels, tf.int32), rows)
-      attack_class = sample_attack_class(tf.gather(t_logits, rows))
+      attack_class = self.attack_classes(t_logits, rows, batch)
 
       def teacher_logits(x):
         return self.teacher(x, training=False)
@@ -181,7 +189,7 @@ class BSS(Distiller):
     with tf.GradientTape() as tape:
       s = self.student_outputs(images, training=True)
       terms = self.total_terms(s, t, batch, training=True)
-      terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight)
+      terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight, batch)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
     return StepOutput(terms, s.logits)
