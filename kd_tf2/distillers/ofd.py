@@ -164,7 +164,11 @@ def batch_statistics(model):
   are: each BN is made trainable (a frozen Keras BN would ignore ``training``) with momentum 1
   (moving <- 1 * moving + 0 * batch, the same value). Restored on exit."""
   saved = []
-  for _, layer in model.torch_layers():
+  if hasattr(model, "torch_layers"):
+    layers = [layer for _, layer in model.torch_layers()]
+  else:  # a kd_tf2.adapt model
+    layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  for layer in layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       saved.append((layer, layer.trainable, layer.momentum))
       layer.trainable, layer.momentum = True, 1.0
