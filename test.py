@@ -32,16 +32,26 @@ flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
 flags.DEFINE_string("image", "", "Comma-separated image files to classify (instead of "
                     "evaluating a dataset).")
 flags.DEFINE_integer("top", 5, "With --image: how many classes to print per image.")
+flags.DEFINE_integer("image_size", None, "Evaluate on S x S images (default for a train dir: "
+                     "its own, else the native size).")
+flags.DEFINE_string("augment", "", "auto | imagenet | cifar | none: the style whose evaluation "
+                    "transform is applied (default for a train dir: its own, else auto).")
+
+
+def trained_setting(path, name):
+  """The value of setting ``name`` (dataset, image_size, augment) a train dir was made with, or
+  None."""
+  from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
+  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
+  try:
+    return (rundir.RunDir(path).settings() or {}).get(name)
+  except UsageError:
+    return None
 
 
 def trained_dataset(path):
   """The --dataset a train dir was made with, or None."""
-  from kd_tf2.engine import rundir  # pylint: disable=import-outside-toplevel
-  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
-  try:
-    return (rundir.RunDir(path).settings() or {}).get("dataset")
-  except UsageError:
-    return None
+  return trained_setting(path, "dataset")
 
 
 def evaluate():
@@ -51,12 +61,23 @@ def evaluate():
     raise UsageError("--model is required: a train dir or a .keras file")
   if FLAGS.batch_size < 1:
     raise UsageError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
+  from kd_tf2 import data  # pylint: disable=import-outside-toplevel
+  if FLAGS.image_size is not None and FLAGS.image_size < 1:
+    raise UsageError(f"--image_size={FLAGS.image_size}: must be an integer >= 1 (pixels per "
+                     "side)")
+  if FLAGS.augment and FLAGS.augment.lower() not in data.AUGMENTS:
+    raise UsageError(f"--augment={FLAGS.augment!r}: accepted: {', '.join(data.AUGMENTS)}")
   model = engine.load_model(FLAGS.model)
-  dataset = FLAGS.dataset or (os.path.isdir(FLAGS.model) and trained_dataset(FLAGS.model))
+  train_dir = os.path.isdir(FLAGS.model)
+  dataset = FLAGS.dataset or (train_dir and trained_dataset(FLAGS.model))
   if not dataset:
     raise UsageError("--dataset is required (the model is not a train dir that records it)")
+  image_size = FLAGS.image_size or (train_dir and trained_setting(FLAGS.model, "image_size")
+                                    or None)
+  augment = (FLAGS.augment or (train_dir and trained_setting(FLAGS.model, "augment"))
+             or "auto").lower()
   result = engine.evaluate(model, dataset, FLAGS.split, data_dir=FLAGS.data_dir,
-                           batch_size=FLAGS.batch_size)
+                           batch_size=FLAGS.batch_size, image_size=image_size, augment=augment)
   return model, dataset, result
 
 
@@ -64,7 +85,7 @@ def classify():
   """{path: [(class, probability), ...]} for the --image files; raises on bad input."""
   import kd_tf2  # pylint: disable=import-outside-toplevel
   if not FLAGS.model:
-    raise ValueError("--model is required: a train dir or a .keras file")
+    raise UsageError("--model is required: a train dir or a .keras file")
   paths = [p.strip() for p in FLAGS.image.split(",") if p.strip()]
   return dict(zip(paths, kd_tf2.predict(FLAGS.model, paths, top=FLAGS.top)))
 

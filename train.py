@@ -39,16 +39,29 @@ flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-cl
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
 flags.DEFINE_float("fraction", 1.0, "Class-balanced fraction of the training set, in (0, 1].")
+flags.DEFINE_integer("image_size", None, "Train and evaluate on S x S images (default: the "
+                     "native size; required for folders of mixed sizes).")
+flags.DEFINE_string("augment", "auto", "auto | imagenet | cifar | none: the training augmentation "
+                    "(auto: imagenet - RandomResizedCrop + flip, evaluation resize + centre crop - "
+                    "for images of 64 px and more, else cifar - pad 4, crop, flip).")
+flags.DEFINE_string("cache", "auto", "auto | memory | none: keep the decoded images in memory, or "
+                    "decode them as streamed (auto: memory for small CIFAR-style data).")
 flags.DEFINE_integer("seed", 0, "Seed of the subset, shuffling, augmentation and initialisation.")
-flags.DEFINE_integer("epochs", 240, "Epochs of the main phase (lr x0.1 at 62.5/75/87.5%).")
+flags.DEFINE_string("protocol", "auto", "auto | cifar | imagenet: the defaults of the schedule "
+                    "(cifar: 240 epochs, batch 64, wd 5e-4, lr x0.1 at 62.5/75/87.5%; imagenet: "
+                    "100 epochs, batch 256, lr 0.1, wd 1e-4, x0.1 at 30/60/90%); auto = imagenet "
+                    "for imagenet* datasets, else cifar.")
+flags.DEFINE_integer("epochs", None, "Epochs of the main phase (default: the protocol's).")
 flags.DEFINE_integer("teacher_epochs", None, "Epochs of the teacher when it is trained here "
                      "(default: --epochs).")
 flags.DEFINE_integer("init_epochs", None, "Epochs of the method's init stage (FitNet hint, AB, "
                      "FSP, FT, MHGD; default: the method's).")
-flags.DEFINE_integer("batch_size", 64, "Global batch size (divisible by the replicas).")
-flags.DEFINE_float("lr", None, "Base learning rate (default 0.05; 0.01 for MobileNetV2 and "
-                   "ShuffleNet students).")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay.")
+flags.DEFINE_integer("batch_size", None, "Global batch size, divisible by the replicas "
+                     "(default: the protocol's, 64 or 256).")
+flags.DEFINE_float("lr", None, "Base learning rate (default: imagenet 0.1; cifar 0.05, 0.01 for "
+                   "MobileNetV2 and ShuffleNet students).")
+flags.DEFINE_float("weight_decay", None, "Coupled (PyTorch-style) weight decay (default: the "
+                   "protocol's, 5e-4 or 1e-4).")
 flags.DEFINE_float("ce_weight", None, "Weight of the cross-entropy (RepDistiller -r; default: "
                    "the method's).")
 flags.DEFINE_float("kd_weight", None, "Weight of the soft-target KD term (-a; default: the "
@@ -77,7 +90,8 @@ flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this m
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "teacher_features",
            "student_features", "dataset", "data_dir", "fraction",
-           "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
+           "image_size", "augment", "cache", "seed", "protocol", "epochs", "teacher_epochs",
+           "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
            "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
            "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")

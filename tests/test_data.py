@@ -394,6 +394,20 @@ def test_tfds_dataset_read_from_data_dir(tmp_path, monkeypatch):
   assert info.split_size == 30 and info.image_shape == (6, 6, 3)
   assert info.class_counts == tuple(int(np.floor(0.5 * n + 0.5)) for n in expected.values())
   assert all(b["image"].shape == (4, 6, 6, 3) for b in ds)
+  # Streamed from the prepared shards (image bytes decoded in the pipeline) or decoded once into
+  # memory: the same batches; the label at every index is the one tfds stores there.
+  assert info.cache == "memory"
+  streamed, s_info = data.load("kd_tf2_tiny_images", "train", fraction=0.5, batch_size=4,
+                               data_dir=str(tmp_path / "prepared"), cache="none")
+  assert s_info.cache == "none"
+  cached, _ = data.load("kd_tf2_tiny_images", "train", fraction=0.5, batch_size=4,
+                        data_dir=str(tmp_path / "prepared"))
+  got, want = epoch(streamed), epoch(cached)
+  for key in ("index", "label", "image"):
+    np.testing.assert_array_equal(got[key], want[key])
+  stored = [int(ex["label"]) for ex in builder.as_dataset(split="train", shuffle_files=False)
+            .as_numpy_iterator()]
+  assert [stored[i] for i in got["index"]] == got["label"].tolist()
 
   monkeypatch.setattr(sources, "_network_reachable", lambda: False)
   with pytest.raises(FileNotFoundError, match="kd_tf2_tiny_images.*not prepared"):

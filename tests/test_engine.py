@@ -307,3 +307,23 @@ def test_long_epoch_flags_are_checked_and_default_to_a_twentieth_of_large_epochs
   assert cfg.log_every_n_steps(base, 390) == 0      # CIFAR: the epoch line is enough
   assert cfg.log_every_n_steps(base.replace(log_every_n_steps=7), 390) == 7
   assert "log_every_n_steps" not in cfg.settings(cfg.validate(base))  # operational: resumable
+
+
+def test_protocol_sets_the_schedule_defaults_and_flags_win():
+  cifar = cfg.validate(cfg.TrainConfig(method="none", arch="resnet8", dataset="synthetic",
+                                       train_dir="x"))
+  assert (cifar.protocol, cifar.epochs, cifar.batch_size, cifar.weight_decay) == ("cifar", 240, 64,
+                                                                                  5e-4)
+  assert cfg.base_lr(cifar) == 0.05 and cfg.schedule(cifar) == ((150, 180, 210), 240)
+  assert "protocol" not in cfg.settings(cifar)  # train dirs made before --protocol still resume
+  auto = cfg.validate(cfg.TrainConfig(method="none", arch="resnet18_imagenet",
+                                      dataset="imagenette", train_dir="x"))
+  assert (auto.protocol, auto.epochs, auto.batch_size, auto.weight_decay) == ("imagenet", 100, 256,
+                                                                              1e-4)
+  assert cfg.base_lr(auto) == 0.1 and cfg.schedule(auto) == ((30, 60, 90), 100)
+  assert cfg.settings(auto)["protocol"] == "imagenet"
+  mine = cfg.validate(cfg.TrainConfig(method="none", arch="resnet8", dataset="folder:/x",
+                                      protocol="imagenet", epochs=3, lr=0.2, train_dir="x"))
+  assert (mine.epochs, mine.batch_size, cfg.base_lr(mine)) == (3, 256, 0.2)
+  with pytest.raises(UsageError, match=r"--protocol='tpu': accepted: auto, cifar, imagenet"):
+    cfg.validate(cifar.replace(protocol="tpu"))

@@ -364,3 +364,19 @@ def test_cc_repdistiller_form(pair, outputs, batch):
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
   ids = {id(v) for v in d.variables_to_train()}
   assert all(id(v) in ids for v in d.embed_s.trainable_variables + d.embed_t.trainable_variables)
+
+
+def test_imagenet_pairs_take_mdistillers_imagenet_configs():
+  """ST, DKD and ReviewKD on resnet34 -> resnet18 (torchvision nets) take mdistiller's
+  configs/imagenet/r34_r18 values; an explicit value wins."""
+  teacher = nets.create("resnet34_imagenet", 10)
+  student = nets.create("resnet18_imagenet", 10)
+  for net in (teacher, student):
+    net.build((None, 64, 64, 3))
+  st = distillers.create("ST", student, teacher, input_shape=(64, 64, 3))
+  assert (st.ce_weight, st.kd_weight, st.temperature) == (0.5, 0.5, 1.0)
+  assert "r34_r18/kd.yaml" in st.hparams()["pair_defaults"]
+  dkd = distillers.create("DKD", student, teacher, input_shape=(64, 64, 3), temperature=2.0)
+  assert (dkd.beta, dkd.warmup, dkd.temperature) == (0.5, 1.0, 2.0)
+  review = distillers.create("ReviewKD", student, teacher, input_shape=(64, 64, 3))
+  assert (review.method_weight, review.warmup_epochs) == (1.0, 1.0)

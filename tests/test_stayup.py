@@ -138,28 +138,27 @@ def test_mixed_bfloat16_end_to_end_for_several_methods(tmp_path, monkeypatch):
   """train(mixed_precision=True) on CPU: the nets compute in bfloat16, every loss term the
   distiller returns is float32 and finite, for feature, relation, contrastive and logit methods."""
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
-  from kd_tf2.engine import loop  # pylint: disable=import-outside-toplevel
+  from kd_tf2.engine import step as step_lib  # pylint: disable=import-outside-toplevel
   teacher = nets.create("resnet8", 10)  # shared by every run; its accuracy does not matter here
   teacher.build((None, 32, 32, 3))
   teacher_file = str(tmp_path / "teacher.keras")
   teacher.save(teacher_file)
 
   seen = {}
-  compile_phase = loop.Trainer._compile  # pylint: disable=protected-access
+  compile_step = step_lib.compile_step
 
-  def spying_compile(trainer, phase):
-    step = phase.step
-
+  def spying_compile(strategy, step_fn, optimizer, variables, **kwargs):
     def recorded(batch, ctx):
-      out = step(batch, ctx)
+      out = step_fn(batch, ctx)
       seen[current].update({k: v.dtype.name for k, v in out.terms.items()})
       return out
 
-    phase.step = recorded
-    seen[current]["_policy"] = trainer.student.dtype_policy.name
-    return compile_phase(trainer, phase)
+    distiller = getattr(step_fn, "__self__", None)  # the main phase's bound train_step
+    if distiller is not None:
+      seen[current]["_policy"] = distiller.student.dtype_policy.name
+    return compile_step(strategy, recorded, optimizer, variables, **kwargs)
 
-  monkeypatch.setattr(loop.Trainer, "_compile", spying_compile)
+  monkeypatch.setattr(step_lib, "compile_step", spying_compile)
   for current in MIXED_METHODS:
     seen[current] = {}
     config = engine.TrainConfig(

@@ -311,7 +311,8 @@ class Sweep:
     # Bad flags fail now, before anything is trained.
     from kd_tf2.engine import config as cfg  # pylint: disable=import-outside-toplevel
     base = cfg.validate(self._student_config(self.fractions[0], self.seeds[0]))
-    self.base = self.base.replace(arch=base.arch, teacher_arch=base.teacher_arch)
+    self.base = self.base.replace(arch=base.arch, teacher_arch=base.teacher_arch,
+                                  epochs=base.epochs, batch_size=base.batch_size)
     self.cells = []
     for fraction in self.fractions:
       for seed in self.seeds:

@@ -1,19 +1,38 @@
-"""The tf.data pipeline over a decoded split: shuffle, batch, augment, normalise, prefetch.
+"""The tf.data pipeline over a listed split: shuffle, batch, decode, augment, normalise, prefetch.
 
-The pipeline streams sample *indices*; each batch gathers its uint8 images from one shared
-in-memory tensor, then augments and normalises the whole batch at once (vectorised, parallel
-across batches). Augmentation is the reference benchmark's (RepDistiller's CIFAR transform):
-4-pixel zero padding, a random crop back to H x W, a random horizontal flip. Zero padding happens
-on the raw pixels, before normalisation, as torchvision's ``RandomCrop(32, padding=4)`` does.
+The pipeline streams *references* to samples - a sample's ``index`` and where its image is (a row
+of an in-memory tensor, a file, or its encoded bytes from a TFRecord stream) - and shuffles, batches
+and shards those. Only then are the images produced, so a fraction or a worker's share decodes only
+its own images:
+
+- in memory, ``cifar`` style at the stored size (CIFAR, cifar10_mini, synthetic, small folders
+  cached decoded): each batch gathers its uint8 images from one shared tensor and is augmented and
+  normalised at once (vectorised);
+- otherwise each sample is decoded (files, records) or gathered (memory) and transformed on its own
+  (``kd_tf2.data.transforms``) in a parallel map (``AUTOTUNE``, deterministic order), then batched
+  and normalised.
+
+``cifar`` augmentation is the reference benchmark's (RepDistiller's CIFAR transform): 4-pixel zero
+padding, a random crop back to H x W, a random horizontal flip, on the raw pixels before
+normalisation as torchvision's ``RandomCrop(32, padding=4)``. ``imagenet`` augmentation is
+``transforms.random_resized_crop``.
 
 Randomness comes from two seeded tf.data sources (``shuffle`` and ``Dataset.random``, both
 re-randomised on every iteration): the sequence of epochs is fixed by ``seed`` (and by TF's global
-seed, if the program sets one). Iterating the dataset again is the next epoch.
+seed, if the program sets one). Iterating the dataset again is the next epoch. Random-access
+sources (memory, files) are shuffled globally; TFRecord streams (read in index order) through a
+buffer of ``SHUFFLE_BUFFER`` samples.
 """
 import numpy as np
 import tensorflow as tf
 
+from kd_tf2.data import sources, transforms
+
 PAD = 4
+SHUFFLE_BUFFER = 4096   # samples held by the shuffle of a TFRecord stream
+# Test hook: a callable run once per image decoded from a file or a record (None: no hook). Read
+# when a pipeline is built.
+decode_hook = None
 
 
 def crop_and_flip(images, randoms, pad=PAD):
@@ -42,42 +61,120 @@ def _sub_seeds(seed):
   return int(state[0]), int(state[1])
 
 
-def build(images, labels, indices, *, batch_size, mean, std, seed, shuffle, augment,
-          drop_remainder, rows=None):
+def _count(image):
+  """``image``, after calling ``decode_hook`` (a test-only counter) if one is set."""
+  if decode_hook is None:
+    return image
+  hook = decode_hook
+
+  def call():
+    hook()
+    return np.int64(0)
+  done = tf.numpy_function(call, [], tf.int64, stateful=True)
+  with tf.control_dependencies([done]):
+    return tf.identity(image)
+
+
+def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, drop_remainder,
+          style="cifar", size=None, rows=None, image_rows=None):
   """A one-pass ``tf.data.Dataset`` of ``{"image", "label", "index"}`` batches.
 
-  images: uint8 tensor [N, H, W, C] (the whole split); labels: int64 [N]; indices: int64 [M],
-  the positions to stream. Batches: image float32 [B, H, W, C] ((x / 255 - mean) / std), label
-  int64 [B], index int64 [B].
+  source: a ``sources.Listing`` (memory, files or records); indices: sorted int64 [M], the
+  positions of the split to stream; image_rows: for a memory source, the row of ``source.images``
+  holding each of them (default: ``indices``). style: ``cifar`` or ``imagenet``; size: output
+  (H, W) (default: the stored size of a memory source). Batches: image float32 [B, H, W, C]
+  ((x / 255 - mean) / std), label int64 [B], index int64 [B].
 
   rows: ``(start, stop, size)`` keeps rows [start, stop) of every ``batch_size`` batch (after the
-  shuffle and the augmentation draws, which every shard makes alike) and streams them as batches
-  of ``size``: one input pipeline's share of each global batch, split into its replicas' batches.
+  shuffle and the augmentation draws, which every shard makes alike, and before any image is
+  read) and streams them as batches of ``size``: one input pipeline's share of each global batch,
+  split into its replicas' batches.
   """
-  labels = tf.constant(labels, tf.int64)
-  channels = images.shape[-1]
+  if style not in transforms.STYLES:
+    raise ValueError(f"style={style!r} not in {transforms.STYLES}")
+  indices = np.asarray(indices, np.int64)
+  labels = tf.constant(source.labels, tf.int64)
+  channels = source.channels
   scale = tf.constant(1.0 / (255.0 * np.asarray(std, np.float32)), shape=[channels])
   shift = tf.constant(np.asarray(mean, np.float32) / np.asarray(std, np.float32), shape=[channels])
   shuffle_seed, augment_seed = _sub_seeds(seed)
+  if size is None:
+    size = tuple(source.images.shape[1:3])
+  size = tuple(int(d) for d in size)
 
-  ds = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
+  if source.kind == "records":
+    keep = np.zeros(len(source.labels), bool)
+    keep[indices] = True
+    keep = tf.constant(keep)
+    ds = source.records().enumerate().filter(lambda i, _: keep[i])
+    buffer = min(len(indices), SHUFFLE_BUFFER)
+  else:
+    # Where each image is: its row of source.images (memory) or of source.paths (files).
+    payload = indices if image_rows is None else np.asarray(image_rows, np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(indices), tf.constant(payload)))
+    buffer = len(indices)
   if shuffle:
-    ds = ds.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
   if augment:
     randoms = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip(ds, randoms)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  out_size = batch_size
   if rows is not None:
-    start, stop, size = rows
-    ds = ds.map(lambda *parts: tuple(p[start:stop] for p in parts))
-    ds = ds.unbatch().batch(size, drop_remainder=drop_remainder)
+    start, stop, out_size = rows
+    ds = ds.map(lambda *parts: tf.nest.map_structure(lambda p: p[start:stop], parts))
 
-  def make_batch(index, randoms=None):
-    pixels = tf.gather(images, index)
+  def finish(pixels, index, randoms=None):
     if randoms is not None:
       pixels = crop_and_flip(pixels, randoms)
     x = tf.cast(pixels, tf.float32) * scale - shift
     return {"image": x, "label": tf.gather(labels, index), "index": index}
 
-  ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  vectorised = (source.kind == "memory" and style == "cifar"
+                and tuple(source.images.shape[1:3]) == size)
+  if vectorised:
+    images = source.tensor
+    if rows is not None:
+      ds = ds.unbatch().batch(out_size, drop_remainder=drop_remainder)
+
+    def whole_batch(*parts):
+      (index, row), randoms = _split(parts, augment)
+      return finish(tf.gather(images, row), index, randoms)
+    ds = ds.map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  read = _reader(source)
+  side = size[0]
+
+  def one(*parts):
+    (index, where), random = _split(parts, augment)
+    image = read(where)
+    if style == "imagenet":
+      image = (transforms.random_resized_crop(image, side, random) if augment
+               else transforms.resize_and_centre_crop(image, side))
+      return (image, index)
+    image = transforms.fit(image, *size)
+    return (image, index) if random is None else (image, index, random)
+
+  ds = ds.unbatch().map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(out_size, drop_remainder=drop_remainder)
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _split(parts, augment):
+  """``((index, where), random)`` of an element, augmented ``((index, where), random)`` or not
+  ``(index, where)``."""
+  return (parts[0], parts[1]) if augment else (parts, None)
+
+
+def _reader(source):
+  """``where -> uint8 [H, W, C]``: a row of memory, a file (by position), or encoded bytes."""
+  channels = source.channels
+  if source.kind == "memory":
+    images = source.tensor
+    return lambda row: tf.gather(images, row)
+  if source.kind == "files":
+    paths = tf.constant([str(p) for p in source.paths], tf.string)
+    return lambda position: _count(sources.decode(tf.io.read_file(paths[position]), channels))
+  return lambda encoded: _count(sources.decode(encoded, channels))

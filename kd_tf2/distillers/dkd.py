@@ -9,8 +9,8 @@ Per-pair beta (mdistiller ``configs/cifar100/dkd/*.yaml``), applied automaticall
 not given and reported in ``hparams()["pair_defaults"]`` (``kd_tf2.distillers._pairs``, the
 mechanism ReviewKD's per-pair weight uses too): 6 for vgg13->vgg8, vgg13->MobileNetV2,
 wrn_40_2->wrn_16_2 and wrn_40_2->wrn_40_1; 2 for resnet56->resnet20 and resnet110->resnet32; every
-other pair 8. ImageNet (mdistiller ``configs/imagenet/*/dkd.yaml``: T 1, warm-up 1, beta 0.5 / 2)
-is not a pair here: pass ``beta`` / ``--temperature`` / ``warmup``.
+other pair 8. The ImageNet pairs take mdistiller ``configs/imagenet/*/dkd.yaml`` the same way: T 1,
+warm-up 1 epoch, beta 0.5 (resnet34->resnet18) and 2 (resnet50->MobileNetV1).
 
 Warm-up (mdistiller): ``warm = min(epoch / warmup, 1)`` with mdistiller's 1-based epoch, i.e.
 ``min((self.epoch + 1) / warmup, 1)`` with the engine's 0-based ``self.epoch``; warmup = 20 epochs
@@ -45,21 +45,26 @@ class DKD(Distiller):
   pair_defaults = {("vgg8", "vgg13"): {"beta": 6.0}, ("MobileNetV2", "vgg13"): {"beta": 6.0},
                    ("wrn_16_2", "wrn_40_2"): {"beta": 6.0}, ("wrn_40_1", "wrn_40_2"): {"beta": 6.0},
                    ("resnet20", "resnet56"): {"beta": 2.0},
-                   ("resnet32", "resnet110"): {"beta": 2.0}}
+                   ("resnet32", "resnet110"): {"beta": 2.0},
+                   ("resnet18_imagenet", "resnet34_imagenet"): {"beta": 0.5, "temperature": 1.0, "warmup": 1.0},
+                   ("mobilenetv1_imagenet", "resnet50_imagenet"): {"beta": 2.0, "temperature": 1.0, "warmup": 1.0}}
   pair_sources = {("vgg8", "vgg13"): _CFG + "vgg13_vgg8.yaml",
                   ("MobileNetV2", "vgg13"): _CFG + "vgg13_mv2.yaml",
                   ("wrn_16_2", "wrn_40_2"): _CFG + "wrn40_2_wrn_16_2.yaml",
                   ("wrn_40_1", "wrn_40_2"): _CFG + "wrn40_2_wrn_40_1.yaml",
                   ("resnet20", "resnet56"): _CFG + "res56_res20.yaml",
-                  ("resnet32", "resnet110"): _CFG + "res110_res32.yaml"}
+                  ("resnet32", "resnet110"): _CFG + "res110_res32.yaml",
+                  ("resnet18_imagenet", "resnet34_imagenet"): "mdistiller configs/imagenet/r34_r18/dkd.yaml",
+                  ("mobilenetv1_imagenet", "resnet50_imagenet"): "mdistiller configs/imagenet/r50_mv1/dkd.yaml"}
 
-  def __init__(self, student, teacher, *, alpha=1.0, beta=None, warmup=20, **kwargs):
+  def __init__(self, student, teacher, *, alpha=1.0, beta=None, warmup=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
     self.alpha = _number("alpha", alpha)
     if beta is not None:
       self.beta = _number("beta", beta)
-    self._pair_applied = apply_pair_defaults(self, {"beta": beta})
-    self.warmup = _number("warmup", warmup)
+    self.warmup = 20.0 if warmup is None else _number("warmup", warmup)
+    self._pair_applied = apply_pair_defaults(
+        self, {"beta": beta, "warmup": warmup, "temperature": kwargs.get("temperature")})
 
   def build_connectors(self, s, t):
     if s.logits.shape[-1] != t.logits.shape[-1]:

@@ -116,15 +116,21 @@ class ReviewKD(Distiller):
   """{"reviewkd": method_weight * min((epoch + 1) / warmup_epochs, 1) * HCL(ABF(s), t)}."""
   method_weight = 1.0
   # mdistiller's per-pair REVIEWKD_WEIGHT (CIFAR), applied unless --method_weight is given.
-  pair_defaults = {("resnet8x4", "resnet32x4"): {"method_weight": 5.0}}
-  pair_sources = {("resnet8x4", "resnet32x4"): "mdistiller configs/cifar100/reviewkd.yaml"}
+  # The ImageNet pairs' warm-up (1 epoch) and weights come from the same configs.
+  pair_defaults = {("resnet8x4", "resnet32x4"): {"method_weight": 5.0},
+                   ("resnet18_imagenet", "resnet34_imagenet"): {"method_weight": 1.0, "warmup_epochs": 1.0},
+                   ("mobilenetv1_imagenet", "resnet50_imagenet"): {"method_weight": 8.0, "warmup_epochs": 1.0}}
+  pair_sources = {("resnet8x4", "resnet32x4"): "mdistiller configs/cifar100/reviewkd.yaml",
+                  ("resnet18_imagenet", "resnet34_imagenet"): "mdistiller configs/imagenet/r34_r18/reviewkd.yaml",
+                  ("mobilenetv1_imagenet", "resnet50_imagenet"): "mdistiller configs/imagenet/r50_mv1/reviewkd.yaml"}
 
-  def __init__(self, student, teacher, *, warmup_epochs=20, **kwargs):
+  def __init__(self, student, teacher, *, warmup_epochs=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    self._pair_applied = apply_pair_defaults(self, {"method_weight": kwargs.get("method_weight")})
-    if not is_number(warmup_epochs) or not warmup_epochs > 0:
+    if warmup_epochs is not None and (not is_number(warmup_epochs) or not warmup_epochs > 0):
       raise UsageError(f"ReviewKD warmup_epochs={warmup_epochs!r}: must be a number > 0")
-    self.warmup_epochs = float(warmup_epochs)
+    self.warmup_epochs = 20.0 if warmup_epochs is None else float(warmup_epochs)
+    self._pair_applied = apply_pair_defaults(
+        self, {"method_weight": kwargs.get("method_weight"), "warmup_epochs": warmup_epochs})
 
   def _levels(self, s, t):
     """(student levels, teacher levels), shallow to deep, deepest stages paired."""

@@ -3,7 +3,19 @@
 Defaults reproduce the reference benchmark (RepDistiller, METHODS.md §3): CIFAR-100, ST from a
 resnet32x4 teacher to a resnet8x4 student, 240 epochs, batch 64, SGD momentum 0.9, weight decay
 5e-4, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students) x0.1 at 62.5/75/87.5% of the
-epochs, the method's own loss weights. ``None`` means "the default of the method / the net".
+epochs, the method's own loss weights. ``None`` means "the default of the method / the net /
+the protocol".
+
+Two protocols (``--protocol``; ``auto`` picks ``imagenet`` for ImageNet-like dataset names,
+``imagenet2012``, ``imagenette``, ..., else ``cifar``) set the defaults of the schedule:
+
+  protocol   epochs  batch  lr                       weight decay  lr x0.1 at epochs
+  cifar      240     64     0.05 (0.01 MobileNet/Shuffle)  5e-4    150, 180, 210 (of 240, scaled)
+  imagenet   100     256    0.1                      1e-4          30, 60, 90 (of 100, scaled)
+
+(RepDistiller's CIFAR-100 protocol; the ImageNet protocol of CRD / ReviewKD / DKD / mdistiller
+``configs/imagenet``). Methods whose references publish ImageNet loss weights take them through
+their pair defaults (ST, DKD, ReviewKD: ``kd_tf2.distillers._pairs``) or their protocol (DIST).
 """
 import dataclasses
 import difflib
@@ -12,6 +24,7 @@ import re
 
 import nets
 from kd_tf2 import distillers
+from kd_tf2.data import AUGMENTS, CACHES
 from kd_tf2 import optim
 from kd_tf2.checks import is_int, is_number
 from kd_tf2.engine.strategy import (DEFAULT_CLUSTER_TIMEOUT, STRATEGIES, check_cluster_timeout,
@@ -22,7 +35,10 @@ from kd_tf2.errors import UsageError
 # between a run and its resumption.
 _OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
                 "cluster_timeout", "log_every_n_steps", "checkpoint_every_n_steps",
-                "checkpoint_every_minutes")
+                "checkpoint_every_minutes", "cache")
+# Data flags recorded in the settings only when not at their default, so that train dirs made
+# before they existed still resume.
+_DATA_DEFAULTS = {"image_size": None, "augment": "auto"}
 
 
 @dataclasses.dataclass
@@ -37,13 +53,17 @@ class TrainConfig:
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
+  image_size: int = None
+  augment: str = "auto"
+  cache: str = "auto"
   seed: int = 0
-  epochs: int = 240
+  protocol: str = "auto"
+  epochs: int = None
   teacher_epochs: int = None
   init_epochs: int = None
-  batch_size: int = 64
+  batch_size: int = None
   lr: float = None
-  weight_decay: float = 5e-4
+  weight_decay: float = None
   momentum: float = 0.9
   ce_weight: float = None
   kd_weight: float = None
@@ -97,7 +117,14 @@ def validate(config):
   ok = is_number(c.fraction)
   if not ok or not 0.0 < c.fraction <= 1.0:
     raise UsageError(f"--fraction={c.fraction!r}: must be in (0, 1]")
+  if c.image_size is not None:
+    _int("image_size", c.image_size, 1)
+  augment, cache = _choice("augment", c.augment, AUGMENTS), _choice("cache", c.cache, CACHES)
   _int("seed", c.seed, 0)
+  protocol = resolve_protocol(c.protocol, c.dataset)
+  schedule = PROTOCOLS[protocol]
+  c = c.replace(**{k: schedule[k] for k in ("epochs", "batch_size", "weight_decay")
+                   if getattr(c, k) is None})
   _int("epochs", c.epochs, 1)
   teacher_epochs = c.epochs if c.teacher_epochs is None else c.teacher_epochs
   _int("teacher_epochs", teacher_epochs, 1)
@@ -140,10 +167,17 @@ def validate(config):
                      f"{teacher_arch or 'teacher'} peer from scratch together with the student; "
                      "drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
-                   teacher_epochs=teacher_epochs,
+                   teacher_epochs=teacher_epochs, protocol=protocol, augment=augment,
+                   cache=cache,
                    dataset=c.dataset.strip(),
                    teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
+
+
+def _choice(flag, value, accepted):
+  if not isinstance(value, str) or value.lower() not in accepted:
+    raise UsageError(f"--{flag}={value!r}: accepted: {', '.join(accepted)}")
+  return value.lower()
 
 
 DEFAULT_TEACHER = "resnet32x4"
@@ -207,6 +241,32 @@ def teacher_source(config):
   return "checkpoint" if config.teacher_ckpt else "train"
 
 
+PROTOCOLS = {
+    "cifar": dict(epochs=240, batch_size=64, weight_decay=5e-4, lr=None,
+                  milestones=(150, 180, 210), reference_epochs=240),
+    "imagenet": dict(epochs=100, batch_size=256, weight_decay=1e-4, lr=0.1,
+                     milestones=(30, 60, 90), reference_epochs=100),
+}
+
+
+def resolve_protocol(protocol, dataset):
+  """``cifar`` or ``imagenet``: ``protocol`` itself, or for ``auto`` the dataset's
+  (``kd_tf2.distillers._pairs.dataset_protocol``)."""
+  from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
+  accepted = ("auto",) + tuple(PROTOCOLS)
+  if not isinstance(protocol, str) or protocol.lower() not in accepted:
+    raise UsageError(f"--protocol={protocol!r}: accepted: {', '.join(accepted)}")
+  protocol = protocol.lower()
+  return dataset_protocol(dataset) if protocol == "auto" else protocol
+
+
+def schedule(config):
+  """``(milestones, reference_epochs)`` of the validated ``config``'s protocol: the learning rate
+  drops x0.1 at those epochs of a ``reference_epochs``-epoch run, scaled to ``--epochs``."""
+  p = PROTOCOLS[resolve_protocol(config.protocol, config.dataset)]
+  return p["milestones"], p["reference_epochs"]
+
+
 def log_every_n_steps(config, steps_per_epoch):
   """``--log_every_n_steps``, or by default 1/20 of an epoch for epochs of 500 steps and more
   (ImageNet at batch 256: every 250 steps), else 0 (one log line per epoch)."""
@@ -216,8 +276,12 @@ def log_every_n_steps(config, steps_per_epoch):
 
 
 def base_lr(config):
-  """``--lr`` or the benchmark's default for the student (``optim.default_lr``)."""
-  return config.lr if config.lr is not None else optim.default_lr(config.arch)
+  """``--lr``, else the protocol's (ImageNet 0.1), else the CIFAR benchmark's default for the
+  student (``optim.default_lr``)."""
+  if config.lr is not None:
+    return config.lr
+  protocol = resolve_protocol(config.protocol, config.dataset)
+  return PROTOCOLS[protocol]["lr"] or optim.default_lr(config.arch)
 
 
 def settings(config):
@@ -225,10 +289,15 @@ def settings(config):
   same train dir must repeat exactly to be allowed to resume."""
   cls = distillers.get(config.method)
   out = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OPERATIONAL}
+  for name, default in _DATA_DEFAULTS.items():
+    if out[name] == default:
+      del out[name]
   for name in ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs"):
     if out[name] is None:
       out[name] = getattr(cls, name)
   out["lr"] = base_lr(config)
+  if out["protocol"] == "cifar":  # recorded only when not the original benchmark's, so that
+    del out["protocol"]           # train dirs made before --protocol existed still resume
   source = teacher_source(config)
   if source is None:
     out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None, teacher_features="")

@@ -139,6 +139,8 @@ class Trainer:
     test_data: a ``tf.data.Dataset`` evaluated after every epoch.
     steps_per_epoch, global_batch: for the schedule, the progress bar and images/s.
     epochs, base_lr, momentum, weight_decay: the main phase's schedule and optimiser.
+    schedule: ``(milestones, reference_epochs)``: the learning rate drops x0.1 at those epochs of a
+      ``reference_epochs``-epoch run, scaled to ``epochs`` (default: the CIFAR benchmark's).
     jit_compile: compile the per-replica step with XLA.
     loss_scale: wrap the optimisers in a ``LossScaleOptimizer`` (mixed float16).
     checkpoint_dir: where ``tf.train.CheckpointManager`` keeps checkpoints (None: none).
@@ -160,9 +162,9 @@ class Trainer:
   """
 
   def __init__(self, *, strategy, student, distiller, train_data, test_data, steps_per_epoch,
-               global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
-               loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
-               metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None,
+               global_batch, epochs, base_lr, schedule=((150, 180, 210), 240), momentum=0.9,
+               weight_decay=5e-4, jit_compile=False, loss_scale=False, checkpoint_dir=None,
+               restore_dir=None, summaries=None, metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None,
                resume_from=None, log_every=0, checkpoint_every_steps=0,
                checkpoint_every_minutes=0.0):
     self.strategy, self.student, self.distiller = strategy, student, distiller
@@ -183,7 +185,10 @@ class Trainer:
         opt = make_optimizer(lr, variables, name=f"sgd_stage_{stage.name}", **sgd)
         step = functools.partial(distiller.stage_step, stage)
         self.phases.append(Phase(f"stage_{stage.name}", stage.epochs, opt, variables, step))
-      schedule = optim.step_decay_schedule(base_lr, int(epochs), self.steps_per_epoch)
+      milestones, reference_epochs = schedule
+      schedule = optim.step_decay_schedule(base_lr, int(epochs), self.steps_per_epoch,
+                                           milestones=milestones,
+                                           total_reference_epochs=reference_epochs)
       variables = distiller.variables_to_train()
       opt = make_optimizer(schedule, variables, name="sgd_main", **sgd)
       self.phases.append(Phase(MAIN, epochs, opt, variables, distiller.train_step))

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import data as kd_data
@@ -32,6 +31,8 @@ EVAL_SPLITS = ("test", "validation", "val")
 
 
 def _load_data(config, split, batch_size, **kwargs):
+  kwargs = {"image_size": config.image_size, "augment": config.augment, "cache": config.cache,
+            **kwargs}
   try:
     return kd_data.load(config.dataset, split, batch_size=batch_size,
                         data_dir=config.data_dir or None, **kwargs)
@@ -60,13 +61,12 @@ def engine_hparams(method_cls, config):
 
 def train_labels(config):
   """int64 [split_size]: the label of every sample index of the training split, -1 for the
-  samples outside the ``--fraction`` subset (read once through the data pipeline)."""
-  ds, info = _load_data(config, "train", 1024, fraction=config.fraction, seed=config.seed,
-                        augment=False, shuffle=False, drop_remainder=False)
-  labels = np.full([info.split_size], -1, np.int64)
-  for batch in ds:
-    labels[batch["index"].numpy()] = batch["label"].numpy()
-  return labels
+  samples outside the ``--fraction`` subset (from the split's listing: no image decoded)."""
+  try:
+    return kd_data.subset_labels(config.dataset, "train", fraction=config.fraction,
+                                 seed=config.seed, data_dir=config.data_dir or None)
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(f"--dataset={config.dataset}: {e}") from None
 
 
 class _Policy:
@@ -118,8 +118,11 @@ class _Job:
     # Seeded before the pipeline is built, so its shuffle follows --seed (as the multi-worker
     # pipeline, built later, does): one worker and several see the same batches.
     keras.utils.set_random_seed(c.seed)
-    self.train_ds, self.info = _load_data(c, "train", c.batch_size, fraction=c.fraction,
-                                          seed=c.seed)
+    # Under multi-worker this pipeline only describes the data (each worker streams its shard).
+    sharded = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    self.train_ds, self.info = _load_data(
+        c, "train", c.batch_size, fraction=c.fraction, seed=c.seed,
+        cache="none" if sharded and c.cache == "auto" else c.cache)
     self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
     self.input_shape = self.info.image_shape
     self.chief = is_chief(self.strategy)
@@ -212,7 +215,8 @@ class _Job:
       # of steps (the global count), whatever the size of its shard.
       train_data = kd_data.dataset_fn(c.dataset, "train", batch_size=c.batch_size,
                                       fraction=c.fraction, seed=c.seed,
-                                      data_dir=c.data_dir or None)
+                                      data_dir=c.data_dir or None, image_size=c.image_size,
+                                      augment=c.augment, cache=c.cache)
       steps = self.info.num_examples // c.batch_size
     # A non-chief worker checkpoints into a scratch dir of its own (deleted after training).
     scratch = self.scratch = None if self.chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")
@@ -221,7 +225,7 @@ class _Job:
     return Trainer(
         strategy=self.strategy, student=student, distiller=distiller, train_data=train_data,
         test_data=self.test_ds, steps_per_epoch=steps, global_batch=c.batch_size,
-        epochs=c.epochs, base_lr=cfg.base_lr(c), momentum=c.momentum,
+        epochs=c.epochs, base_lr=cfg.base_lr(c), schedule=cfg.schedule(c), momentum=c.momentum,
         weight_decay=c.weight_decay, jit_compile=c.jit_compile, loss_scale=loss_scale,
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
@@ -240,7 +244,10 @@ class _Job:
                    teacher_arch=self.teacher_name if teacher is not None else None,
                    train_dir=run.path, keras_file=keras_file, saved_model=run.saved_model,
                    student_params=int(sum(int(tf.size(v)) for v in student.trainable_variables)),
-                   **models.preprocessing(self.info))
+                   image_shape=list(self.info.image_shape), mean=list(self.info.mean),
+                   std=list(self.info.std), normalization=self.info.stats,
+                   augment_style=self.info.style,
+                   class_names=[str(name) for name in self.info.class_names])
     extra = distiller.extra_exports()
     for name, model in extra.items():
       results[f"{name}_top1"] = Evaluator(model, self.strategy)(self.test_ds)["top1"]
@@ -293,16 +300,21 @@ def train(config, flags=None):
   return results
 
 
-def evaluate(model, dataset, split="test", *, data_dir=None, batch_size=256):
+def evaluate(model, dataset, split="test", *, data_dir=None, batch_size=256, image_size=None,
+             augment="auto"):
   """Evaluate a model (object, train dir or ``.keras`` path) on ``split`` of ``dataset``.
 
-  Returns ``{"top1", "top5", "loss", "n"}`` (percent accuracies, mean cross-entropy).
+  image_size, augment: as trained (``augment`` picks the evaluation transform's style; no
+  augmentation is applied). Returns ``{"top1", "top5", "loss", "n"}`` (percent accuracies, mean
+  cross-entropy).
   """
   if isinstance(model, (str, os.PathLike)):
     model = models.load_model(os.fspath(model))
+  style = "auto" if augment in (None, "none") else augment
   try:
     ds, info = kd_data.load(dataset, split, batch_size=batch_size, data_dir=data_dir or None,
-                            augment=False, shuffle=False, drop_remainder=False)
+                            augment=False, style=style, shuffle=False, drop_remainder=False,
+                            image_size=image_size)
   except (ValueError, FileNotFoundError) as e:
     if not raised_by_our_checks(e):
       raise
