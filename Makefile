@@ -23,10 +23,14 @@ clean:
 	rm -rf $(VENV) runs
 
 # A few-minute offline distillation on the embedded cifar10_mini: a resnet20 teacher, then a
-# resnet8 student distilled with AT; both evaluated by test.py.
+# resnet8 student distilled with AT, and the same student trained alone at the same budget; all
+# three evaluated by test.py, then one table: teacher, student alone, student distilled.
 DEMO_DIR ?= runs/demo
 DEMO_FLAGS ?= --dataset=cifar10_mini --fraction=0.25 --epochs=3 --teacher_epochs=4 --batch_size=64
 demo: venv
 	$(BIN)/python train.py --method=AT --arch=resnet8 --teacher_arch=resnet20 $(DEMO_FLAGS) --train_dir=$(DEMO_DIR)
+	$(BIN)/python train.py --method=none --arch=resnet8 $(DEMO_FLAGS) --train_dir=$(DEMO_DIR)_alone
 	$(BIN)/python test.py --model=$(DEMO_DIR)/teacher
+	$(BIN)/python test.py --model=$(DEMO_DIR)_alone
 	$(BIN)/python test.py --model=$(DEMO_DIR)
+	@$(BIN)/python scripts/demo_table.py $(DEMO_DIR)/teacher $(DEMO_DIR)_alone $(DEMO_DIR)

@@ -2,6 +2,11 @@
 
     python test.py --model=runs/cifar100/AT_resnet32x4_resnet8x4_seed0 [--dataset=cifar100]
     python test.py --model=student.keras --dataset=cifar100 --split=test
+    python test.py --model=runs/cifar10/AT_t_s_seed0 --image=cat.png,ship.jpg
+
+--image classifies image files instead (normalised with the mean/std the run recorded in its
+results.json): one line per image with its top classes, then one JSON line
+{"predictions": {path: [[class, probability], ...]}}.
 
 --model is a train dir (its exported student.keras) or a .keras file. For a train dir, --dataset
 defaults to the one it was trained on. Accuracies are percentages, loss the mean cross-entropy.
@@ -24,6 +29,9 @@ flags.DEFINE_string("dataset", "", "Dataset name (default for a train dir: its o
 flags.DEFINE_string("split", "test", "Split to evaluate.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
 flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+flags.DEFINE_string("image", "", "Comma-separated image files to classify (instead of "
+                    "evaluating a dataset).")
+flags.DEFINE_integer("top", 5, "With --image: how many classes to print per image.")
 flags.DEFINE_integer("image_size", None, "Evaluate on S x S images (default for a train dir: "
                      "its own, else the native size).")
 flags.DEFINE_string("augment", "", "auto | imagenet | cifar | none: the style whose evaluation "
@@ -73,10 +81,25 @@ def evaluate():
   return model, dataset, result
 
 
+def classify():
+  """{path: [(class, probability), ...]} for the --image files; raises on bad input."""
+  import kd_tf2  # pylint: disable=import-outside-toplevel
+  if not FLAGS.model:
+    raise UsageError("--model is required: a train dir or a .keras file")
+  paths = [p.strip() for p in FLAGS.image.split(",") if p.strip()]
+  return dict(zip(paths, kd_tf2.predict(FLAGS.model, paths, top=FLAGS.top)))
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; use --model=... --dataset=...")
   cli.start_tensorflow()
+  if FLAGS.image:
+    predictions = cli.run_guarded(classify)
+    for path, top in predictions.items():
+      print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
+    print(json.dumps({"predictions": predictions}), flush=True)
+    return
   model, dataset, result = cli.run_guarded(evaluate)
   arch = getattr(model, "arch", model.name)
   print(f"{arch} ({FLAGS.model}) on {dataset} [{FLAGS.split}], {result['n']} images: "

@@ -23,11 +23,18 @@ from kd_tf2.errors import TrainingDiverged, TrainingInterrupted  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "ST", "Distillation method, case-insensitive: none, ST (KD), AT, "
                     "FitNet, ... (an unknown name prints the full list).")
-flags.DEFINE_string("arch", "resnet8x4", "Student architecture (a nets name).")
-flags.DEFINE_string("teacher_arch", "resnet32x4", "Teacher architecture (a nets name).")
-flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file, or reference "
-                    "weights (.npz, .pth). Empty: train a --teacher_arch teacher into "
-                    "TRAIN_DIR/teacher first (or reuse it).")
+flags.DEFINE_string("arch", "resnet8x4", "Student architecture: a nets name, or a .keras file "
+                    "of any Keras classifier (trained or not; its weights are the start).")
+flags.DEFINE_string("teacher_arch", None, "Teacher architecture (a nets name or a .keras file) "
+                    "when the teacher is trained here (default resnet32x4); with --teacher_ckpt "
+                    "the checkpoint's is used and this flag, if given, is checked against it.")
+flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file of any Keras "
+                    "classifier, or reference weights (.npz, .pth; need --teacher_arch). Empty: "
+                    "train a --teacher_arch teacher into TRAIN_DIR/teacher first (or reuse it).")
+flags.DEFINE_string("teacher_features", "", "Comma-separated layer names of a .keras teacher "
+                    "whose outputs are its feature maps (default: one per resolution).")
+flags.DEFINE_string("student_features", "", "Comma-separated layer names of a .keras student "
+                    "whose outputs are its feature maps (default: one per resolution).")
 flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
@@ -81,7 +88,8 @@ flags.DEFINE_integer("checkpoint_every_n_steps", 0, "Also checkpoint every N ste
 flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this many minutes have "
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
-_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "dataset", "data_dir", "fraction",
+_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "teacher_features",
+           "student_features", "dataset", "data_dir", "fraction",
            "image_size", "augment", "cache", "seed", "protocol", "epochs", "teacher_epochs",
            "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",

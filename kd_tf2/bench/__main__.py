@@ -56,6 +56,8 @@ def _speed_parser(sub):
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing)")
   add_bool(p, "jit_compile", "compile the per-replica step with XLA", default=False)
   add_bool(p, "mixed_precision", "mixed_bfloat16 on CPU, mixed_float16 on GPU", default=False)
+  add_bool(p, "adapt", "run the nets as kd_tf2.adapt(functional copy of the zoo net) (measures "
+           "the adapter's cost)", default=False)
   p.add_argument("--num_classes", type=int, default=100)
   p.add_argument("--image_size", type=int, default=32)
   p.add_argument("--train_size", type=int, default=50000,
@@ -105,7 +107,7 @@ def _speed(args):
       arch=args.arch, teacher_arch=args.teacher_arch, batch_size=args.batch_size,
       steps=args.steps, warmup=args.warmup, jit_compile=args.jit_compile,
       mixed_precision=args.mixed_precision, num_classes=args.num_classes,
-      image_size=args.image_size, train_size=args.train_size, seed=args.seed)
+      image_size=args.image_size, train_size=args.train_size, seed=args.seed, adapt=args.adapt)
   config = speed.validate(config)
   methods = speed.resolve_methods(args.methods)
   _, table = speed.run(config, methods, json_path=args.json or None, timeout=args.timeout)

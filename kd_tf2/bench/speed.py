@@ -73,6 +73,7 @@ class SpeedConfig:
   image_size: int = 32
   train_size: int = 50000
   seed: int = 0
+  adapt: bool = False
 
 
 def validate(config):
@@ -131,15 +132,23 @@ class _Nets:
     from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
     self.config = config
     self.shape = (config.image_size, config.image_size, 3)
-    self.student = engine.build_net(config.arch, config.num_classes, self.shape)
+    self.student = self._maybe_adapted(
+        engine.build_net(config.arch, config.num_classes, self.shape))
     self._teacher = None
+
+  def _maybe_adapted(self, net):
+    """With ``adapt``: the zoo net's layers as a functional model, through ``kd_tf2.adapt``."""
+    if not self.config.adapt:
+      return net
+    from kd_tf2.adapter import adapt, functional_zoo_net  # pylint: disable=import-outside-toplevel
+    return adapt(functional_zoo_net(net, self.shape))
 
   @property
   def teacher(self):
     if self._teacher is None:
       from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
-      self._teacher = engine.build_net(self.config.teacher_arch, self.config.num_classes,
-                                       self.shape)
+      self._teacher = self._maybe_adapted(engine.build_net(
+          self.config.teacher_arch, self.config.num_classes, self.shape))
     return self._teacher
 
 
@@ -425,7 +434,8 @@ def run(config, methods, json_path=None, log=None, timeout=None):
   load_end = _load()
   precision = "mixed precision" if config.mixed_precision else "float32"
   compiled = "tf.function + XLA" if config.jit_compile else "tf.function (no XLA)"
-  caption = (f"Training-step speed, {config.teacher_arch} -> {config.arch}, batch "
+  adapted = " (kd_tf2.adapt of functional copies)" if config.adapt else ""
+  caption = (f"Training-step speed, {config.teacher_arch} -> {config.arch}{adapted}, batch "
              f"{config.batch_size}, {config.image_size}x{config.image_size} random images, "
              f"{config.num_classes} classes, {precision}, {compiled}; median of {config.steps} "
              f"steps after {config.warmup} warm-up, each row in its own process; ratios are medians "

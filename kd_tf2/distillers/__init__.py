@@ -18,6 +18,7 @@ How to add a method
 4. Test it in ``tests/``: finite loss on a tiny pair, gradients reach the student and every
    connector and never the teacher.
 """
+import difflib
 import importlib
 import pkgutil
 
@@ -82,7 +83,9 @@ def get(method):
   """The ``Distiller`` class registered under ``method`` (any case, aliases allowed)."""
   _discover()
   if not isinstance(method, str) or method.lower() not in _CLASSES:
-    raise UsageError(f"unknown method {method!r}; available: {_accepted()}")
+    close = difflib.get_close_matches(str(method).lower(), list(_CLASSES), n=1, cutoff=0.6)
+    hint = f" - did you mean {_CANONICAL[close[0]]}?" if close else ""
+    raise UsageError(f"unknown method {method!r}; available: {_accepted()}{hint}")
   return _CLASSES[method.lower()]
 
 

@@ -125,6 +125,8 @@ def teacher_preact_batchnorms(model):
   ``model.torch_layers()`` (NETS.md §4). Returns a list of ``keras.layers.BatchNormalization``,
   one per stage. A family without a known mapping raises ``UsageError``."""
   family = type(model).__name__
+  if hasattr(model, "preact_batchnorms"):  # kd_tf2.adapt models find theirs in the Keras graph
+    return model.preact_batchnorms()
   if family not in _LOCATORS:
     raise UsageError(f"OFD cannot locate the BatchNorm before the preacts of "
                      f"{getattr(model, 'arch', model.name)} (family {family}); "
@@ -162,7 +164,11 @@ def batch_statistics(model):
   are: each BN is made trainable (a frozen Keras BN would ignore ``training``) with momentum 1
   (moving <- 1 * moving + 0 * batch, the same value). Restored on exit."""
   saved = []
-  for _, layer in model.torch_layers():
+  if hasattr(model, "torch_layers"):
+    layers = [layer for _, layer in model.torch_layers()]
+  else:  # a kd_tf2.adapt model
+    layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  for layer in layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       saved.append((layer, layer.trainable, layer.momentum))
       layer.trainable, layer.momentum = True, 1.0

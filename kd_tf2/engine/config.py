@@ -18,6 +18,7 @@ Two protocols (``--protocol``; ``auto`` picks ``imagenet`` for ImageNet-like dat
 their pair defaults (ST, DKD, ReviewKD: ``kd_tf2.distillers._pairs``) or their protocol (DIST).
 """
 import dataclasses
+import difflib
 import os
 import re
 
@@ -45,8 +46,10 @@ class TrainConfig:
   """Every setting of a run. See ``train.py --help`` for each one."""
   method: str = "ST"
   arch: str = "resnet8x4"
-  teacher_arch: str = "resnet32x4"
+  teacher_arch: str = None
   teacher_ckpt: str = ""
+  teacher_features: str = ""
+  student_features: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -102,7 +105,13 @@ def validate(config):
   c = config
   method = distillers.canonical_name(c.method)
   arch = _net_name("arch", c.arch)
-  teacher_arch = _net_name("teacher_arch", c.teacher_arch)
+  if c.teacher_arch:
+    teacher_arch = _net_name("teacher_arch", c.teacher_arch)
+  else:  # read from --teacher_ckpt; the default net when the teacher is trained here
+    teacher_arch = None if c.teacher_ckpt else DEFAULT_TEACHER
+  for flag in ("teacher_features", "student_features"):
+    if not isinstance(getattr(c, flag), str):
+      raise UsageError(f"--{flag}={getattr(c, flag)!r}: must be comma-separated layer names")
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
   ok = is_number(c.fraction)
@@ -155,7 +164,8 @@ def validate(config):
                      "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
-                     f"{teacher_arch} peer from scratch together with the student; drop the flag")
+                     f"{teacher_arch or 'teacher'} peer from scratch together with the student; "
+                     "drop the flag")
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs, protocol=protocol, augment=augment,
                    cache=cache,
@@ -170,17 +180,48 @@ def _choice(flag, value, accepted):
   return value.lower()
 
 
+DEFAULT_TEACHER = "resnet32x4"
+
+
+def is_model_file(name):
+  """Whether a net name is a Keras model file (``PATH.keras``) rather than a zoo name."""
+  return isinstance(name, str) and name.strip().lower().endswith(".keras")
+
+
 def _net_name(flag, name):
+  """The zoo spelling of ``name``, or the absolute path of a ``.keras`` model file."""
+  if is_model_file(name):
+    path = os.path.abspath(os.path.expanduser(name.strip()))
+    if not os.path.isfile(path):
+      raise UsageError(f"--{flag}={name}: no such model file")
+    return path
   try:
     return nets.canonical_name(name)
   except ValueError as e:
-    raise UsageError(f"--{flag}: {e}") from None
+    raise UsageError(f"--{flag}: {e}{did_you_mean(name, nets.available())}") from None
+
+
+def did_you_mean(name, known):
+  """``" - did you mean X?"`` for the closest known names (case-insensitive), else ``""``."""
+  if not isinstance(name, str):
+    return ""
+  lowered = {k.lower(): k for k in known}
+  close = difflib.get_close_matches(name.strip().lower(), list(lowered), n=2, cutoff=0.6)
+  return f" - did you mean {' or '.join(lowered[k] for k in close)}?" if close else ""
+
+
+def net_label(name):
+  """A short label of a net name or model file (its base name without extension), for messages."""
+  if name and (is_model_file(name) or os.sep in name):
+    name = os.path.splitext(os.path.basename(name.rstrip(os.sep)))[0]
+  return name
 
 
 def default_train_dir(c, method, arch, teacher_arch):
   """``runs/<dataset>/<method>_<teacher>_<student>_seed<seed>`` (no teacher part for ``none``)."""
   data = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(c.dataset.rstrip("/\\")) or "data")
-  pair = arch if method == "none" else f"{teacher_arch}_{arch}"
+  teacher = net_label(teacher_arch) or net_label(c.teacher_ckpt) or "teacher"
+  pair = net_label(arch) if method == "none" else f"{teacher}_{net_label(arch)}"
   return os.path.join("runs", data, f"{method}_{pair}_seed{c.seed}")
 
 
@@ -259,7 +300,7 @@ def settings(config):
     del out["protocol"]           # train dirs made before --protocol existed still resume
   source = teacher_source(config)
   if source is None:
-    out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None)
+    out.update(teacher_arch=None, teacher_ckpt=None, teacher_epochs=None, teacher_features="")
   elif source != "train":
     out["teacher_epochs"] = None
   return out
@@ -279,4 +320,5 @@ def teacher_config(config, train_dir=None):
   epochs = config.epochs if config.teacher_epochs is None else config.teacher_epochs
   return config.replace(**{k: defaults[k] for k in TEACHER_RESETS}, method="none",
                         arch=config.teacher_arch, epochs=epochs,
+                        student_features=config.teacher_features, teacher_features="",
                         train_dir=train_dir or os.path.join(config.train_dir, "teacher"))

@@ -134,6 +134,7 @@ class _Job:
     self.state = self.run.state(self.settings, self.subset)
     self.source = cfg.teacher_source(c)
     self.teacher_cfg = cfg.teacher_config(c) if self.source == "train" else None
+    self.teacher_name = cfg.net_label(c.teacher_arch)
     self.hparams = dict(ce_weight=c.ce_weight, kd_weight=c.kd_weight,
                         method_weight=c.method_weight, temperature=c.temperature,
                         init_epochs=c.init_epochs)
@@ -148,14 +149,16 @@ class _Job:
     if self.source == "checkpoint":
       with self.strategy.scope():
         teacher = models.load_teacher(c.teacher_ckpt, c.teacher_arch, self.info.num_classes,
-                                      self.input_shape)
+                                      self.input_shape, features=c.teacher_features)
+      self.teacher_name = models.describe(teacher)[0]
       check_input_shape(teacher, self.input_shape, f"--teacher_ckpt={c.teacher_ckpt}",
                         c.dataset)
       return teacher
     if self.source == "train":
       RunDir(self.teacher_cfg.train_dir).state(cfg.settings(self.teacher_cfg), self.subset)
       with self.strategy.scope():
-        stand_in = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape)
+        stand_in = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape,
+                                    features=c.teacher_features, flag="--teacher_arch")
       stand_in.trainable = False
       return stand_in
     return None
@@ -169,10 +172,11 @@ class _Job:
     keras.utils.set_random_seed(c.seed)
     with self.strategy.scope():
       student = models.build_net(c.arch, self.info.num_classes, self.input_shape,
-                                 synchronized_bn=sync)
+                                 synchronized_bn=sync, features=c.student_features)
       if self.source == "fresh":
         teacher = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape,
-                                   synchronized_bn=sync)
+                                   synchronized_bn=sync, features=c.teacher_features,
+                                   flag="--teacher_arch")
       distiller = distillers.create(c.method, student, teacher, input_shape=self.input_shape,
                                     **self.hparams, **self._engine_hparams)
     return student, teacher, distiller
@@ -180,22 +184,25 @@ class _Job:
   def train_teacher(self):
     """Train (or resume, or reuse) the teacher in TRAIN_DIR/teacher and load it."""
     c = self.config
-    self.say(f"training the teacher {c.teacher_arch} into {self.teacher_cfg.train_dir}")
+    self.say(f"training the teacher {self.teacher_name} into {self.teacher_cfg.train_dir}")
     train(self.teacher_cfg, flags=dict(dataclasses.asdict(self.teacher_cfg),
                                        trained_for=self.run.path))
     with self.strategy.scope():
-      return models.load_teacher(self.teacher_cfg.train_dir, c.teacher_arch,
-                                 self.info.num_classes, self.input_shape)
+      teacher = models.load_teacher(self.teacher_cfg.train_dir, None, self.info.num_classes,
+                                    self.input_shape, features=c.teacher_features)
+    self.teacher_name = models.describe(teacher)[0]
+    return teacher
 
   def announce(self, teacher, distiller):
     """Teacher accuracy (when it is a trained one) and a one-line description of the run."""
-    c, results = self.config, {}
+    c, results, name = self.config, {}, self.teacher_name
     if self.source in ("checkpoint", "train"):
       results["teacher_top1"] = Evaluator(teacher, self.strategy)(self.test_ds)["top1"]
-      self.say(f"teacher {c.teacher_arch}: test top1 {results['teacher_top1']:.2f}")
-    pair = {None: "", "fresh": f"{c.teacher_arch} (peer, trained together) & "}.get(
-        self.source, f"{c.teacher_arch} -> ")
-    self.say(f"{distiller.method_name}: {pair}{c.arch} on {c.dataset} ({self.info.num_examples} "
+      self.say(f"teacher {name}: test top1 {results['teacher_top1']:.2f}")
+    pair = {None: "", "fresh": f"{name} (peer, trained together) & "}.get(
+        self.source, f"{name} -> ")
+    self.say(f"{distiller.method_name}: {pair}{cfg.net_label(c.arch)} on {c.dataset} "
+             f"({self.info.num_examples} "
              f"training images, {self.info.num_batches} steps/epoch, {self.replicas} "
              f"replica(s)); weights {distiller.hparams()}; train dir {self.run.path}")
     return results
@@ -228,21 +235,24 @@ class _Job:
         checkpoint_every_minutes=c.checkpoint_every_minutes,
         extra_checkpointed=teacher.weights if self.source == "fresh" else ())
 
-  def export(self, student, teacher, distiller):
-    """Evaluate and export the trained nets (chief only writes); returns their results."""
+  def export(self, student, teacher, distiller, as_teacher=False):
+    """Evaluate and export the trained nets (chief only writes); returns their results.
+    ``as_teacher``: this run trains a teacher for another (its model is ``teacher.keras``)."""
     c, run = self.config, self.run
+    keras_file = run.join(models.TEACHER_FILE) if as_teacher else run.keras_file
     results = dict(method=distiller.method_name, arch=c.arch, dataset=c.dataset,
-                   teacher_arch=c.teacher_arch if teacher is not None else None,
-                   train_dir=run.path, keras_file=run.keras_file, saved_model=run.saved_model,
+                   teacher_arch=self.teacher_name if teacher is not None else None,
+                   train_dir=run.path, keras_file=keras_file, saved_model=run.saved_model,
                    student_params=int(sum(int(tf.size(v)) for v in student.trainable_variables)),
                    image_shape=list(self.info.image_shape), mean=list(self.info.mean),
                    std=list(self.info.std), normalization=self.info.stats,
-                   augment_style=self.info.style)
+                   augment_style=self.info.style,
+                   class_names=[str(name) for name in self.info.class_names])
     extra = distiller.extra_exports()
     for name, model in extra.items():
       results[f"{name}_top1"] = Evaluator(model, self.strategy)(self.test_ds)["top1"]
     if self.chief:
-      models.export(student, run, self.input_shape)
+      models.export(student, run, self.input_shape, keras_file=keras_file, info=self.info)
       for name, model in extra.items():
         results[f"{name}_keras_file"] = run.join(f"{name}.keras")
         model.save(results[f"{name}_keras_file"])
@@ -281,11 +291,12 @@ def train(config, flags=None):
       summaries.close()
       if job.scratch:
         shutil.rmtree(job.scratch, ignore_errors=True)
-    results.update(job.export(student, teacher, distiller))
+    results.update(job.export(student, teacher, distiller,
+                              as_teacher=bool(flags.get("trained_for"))))
     if job.chief:
       job.run.write_results(results)
   job.say(f"done: last-epoch test top1 {results['top1']:.2f}, best {results['best_top1']:.2f} "
-          f"(epoch {results['best_epoch']}); student exported to {job.run.keras_file}")
+          f"(epoch {results['best_epoch']}); exported to {results['keras_file']}")
   return results
 
 
