@@ -11,19 +11,7 @@ import nets
 from kd_tf2 import distillers
 from kd_tf2.distillers import StepContext
 from kd_tf2.engine.step import compile_step
-
-
-def convnet(widths, classes=10, name="net", softmax=False):
-  """A plain conv net of one's own: stage i is conv(stride 1 then 2)-BN-ReLU of width widths[i]."""
-  x = inp = keras.Input((32, 32, 3))
-  for i, w in enumerate(widths):
-    x = L.Conv2D(w, 3, strides=1 if i == 0 else 2, padding="same", use_bias=False,
-                 name=f"conv{i}")(x)
-    x = L.BatchNormalization(name=f"bn{i}")(x)
-    x = L.ReLU(name=f"relu{i}")(x)
-  x = L.GlobalAveragePooling2D(name="pool")(x)
-  out = L.Dense(classes, activation="softmax" if softmax else None, name="fc")(x)
-  return keras.Model(inp, out, name=name)
+from support import convnet  # noqa: E402
 
 
 @pytest.fixture(scope="module")

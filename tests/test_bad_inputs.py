@@ -15,7 +15,7 @@ import nets
 from kd_tf2 import cli, data as kd_data, distillers
 from kd_tf2.bench import __main__ as bench_main
 from kd_tf2.engine import TrainConfig, config as cfg
-from test_cli import COMMON, DATA, _assert_table_refused
+from support import COMMON, DATA, _assert_table_refused
 
 SHAPE = (None, 32, 32, 3)
 

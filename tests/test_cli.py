@@ -5,57 +5,16 @@ distils a resnet8 student from it. The error table runs train.py/test.py's ``mai
 process per script (a fresh interpreter per case would cost a TensorFlow start-up each), plus a
 few real command lines for the cases that need a fresh process.
 """
-import glob
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = "synthetic:train=128,test=64"
-COMMON = [f"--dataset={DATA}", "--arch=resnet8", "--teacher_arch=resnet8", "--batch_size=32",
-          "--epochs=1"]
-
-
-def _env():
-  return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def run(script, args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, script)] + list(args), cwd=ROOT,
-                        env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def last_json(stdout):
-  return json.loads(stdout.strip().splitlines()[-1])
-
-
-def ok(proc):
-  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-  assert "Traceback" not in proc.stderr
-  return last_json(proc.stdout)
-
-
-def tensorboard_tags(train_dir):
-  """{tag: plugin name} of every summary in the run's own event files (not the teacher's)."""
-  tags = {}
-  for path in glob.glob(os.path.join(train_dir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        tags[value.tag] = value.metadata.plugin_data.plugin_name
-  return tags
-
-
-def metrics(train_dir):
-  with open(os.path.join(train_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
+from support import COMMON, DATA, ROOT, _assert_one_line_error, _assert_table_refused, _env, metrics, ok, run, tensorboard_tags  # noqa: E402
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -193,57 +152,6 @@ def test_sigterm_then_rerun_resumes(work, teacher):
 
 
 # ----------------------------------------------------------------------- errors
-
-_DRIVER = textwrap.dedent("""
-    import contextlib, importlib.util, io, json, sys, traceback
-    script, cases = sys.argv[1], json.loads(sys.argv[2])
-    spec = importlib.util.spec_from_file_location("kd_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from kd_tf2 import cli
-    name = script.rsplit("/", 1)[-1]
-    results = []
-    for argv in cases:
-      module.FLAGS.unparse_flags()
-      err, out, code = io.StringIO(), io.StringIO(), 0
-      with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        sys.argv = [name] + argv
-        try:
-          module.main(cli.flags_parser(module.FLAGS)(sys.argv))
-        except SystemExit as e:
-          code = e.code
-        except BaseException:  # reported, so that the test shows the traceback
-          traceback.print_exc()
-          code = "crash"
-      results.append({"code": code, "stderr": err.getvalue(), "stdout": out.getvalue()})
-    print(json.dumps(results))
-""")
-
-
-def _drive(script, cases):
-  proc = subprocess.run([sys.executable, "-c", _DRIVER, os.path.join(ROOT, script),
-                         json.dumps(cases)], cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=900, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _assert_table_refused(script, table, prefix=()):
-  """Run every (argv, pattern) case of ``table`` (after ``prefix``) through ``script`` in one
-  process; each must end in one error line matching its pattern."""
-  results = _drive(script, [list(prefix) + args for args, _ in table])
-  for (_, pattern), result in zip(table, results):
-    _assert_one_line_error(result, pattern, script)
-
-
-def _assert_one_line_error(result, pattern, script):
-  import re  # pylint: disable=import-outside-toplevel
-  lines = result["stderr"].strip().splitlines()
-  assert result["code"] == 2, result
-  assert len(lines) == 1 and "Traceback" not in result["stderr"], result["stderr"]
-  assert lines[0].startswith(f"{script}: error: "), lines[0]
-  assert re.search(pattern, lines[0]), (pattern, lines[0])
-
 
 def test_train_py_bad_inputs(work, teacher, method_runs):
   at_dir, _, _ = method_runs("AT")

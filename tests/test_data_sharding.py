@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 import kd_tf2.data as data
-from test_data_streaming import make_folder  # pylint: disable=wrong-import-order
-from test_multiworker import free_ports, tf_config  # pylint: disable=wrong-import-order
+from support import make_folder
+from support import free_ports, tf_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240

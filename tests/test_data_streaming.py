@@ -13,32 +13,12 @@ from kd_tf2 import engine
 from kd_tf2.data import pipeline, sources, subset, transforms
 from kd_tf2.engine import config as cfg
 from kd_tf2.errors import UsageError
+from support import make_folder  # noqa: E402
 
 
 def epoch(ds):
   batches = list(ds.as_numpy_iterator())
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-
-def write_image(path, pixels, fmt="png"):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  pixels = tf.constant(pixels, tf.uint8)
-  blob = tf.io.encode_png(pixels) if fmt == "png" else tf.io.encode_jpeg(pixels, quality=95)
-  tf.io.write_file(path, blob)
-
-
-def make_folder(root, per_class=(6, 4, 5), test=2, size=(8, 8), sizes=None, seed=0):
-  """root/{train,test}/<class>/*.png of random pixels; ``sizes`` cycles (h, w) per image."""
-  rng = np.random.default_rng(seed)
-  k = 0
-  for split, counts in (("train", per_class), ("test", (test,) * len(per_class))):
-    for c, n in enumerate(counts):
-      for i in range(n):
-        h, w = sizes[k % len(sizes)] if sizes else size
-        k += 1
-        write_image(os.path.join(root, split, f"c{c}", f"{i:03d}.png"),
-                    rng.integers(0, 256, (h, w, 3)))
-  return f"folder:{root}"
 
 
 @pytest.fixture

@@ -5,23 +5,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras import layers as L
 
 import kd_tf2
 from kd_tf2 import optim
 from kd_tf2.engine.loop import Trainer
-
-
-def convnet(widths, classes=10, name="net", softmax=False):
-  x = inp = keras.Input((16, 16, 3))
-  for i, w in enumerate(widths):
-    x = L.Conv2D(w, 3, strides=1 if i == 0 else 2, padding="same", use_bias=False,
-                 name=f"conv{i}")(x)
-    x = L.BatchNormalization(name=f"bn{i}")(x)
-    x = L.ReLU(name=f"relu{i}")(x)
-  x = L.GlobalAveragePooling2D(name="pool")(x)
-  out = L.Dense(classes, activation="softmax" if softmax else None, name="fc")(x)
-  return keras.Model(inp, out, name=name)
+from support import convnet  # noqa: E402
 
 
 def data(n=16, seed=0):
@@ -31,7 +19,7 @@ def data(n=16, seed=0):
 
 def pair(seed=0):
   keras.utils.set_random_seed(seed)
-  return convnet([8, 16, 32], name="teacher"), convnet([4, 8], name="student")
+  return convnet([8, 16, 32], name="teacher", size=16), convnet([4, 8], name="student", size=16)
 
 
 def test_st_through_fit_equals_the_engine_step_and_keras_distillation():

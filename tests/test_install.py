@@ -18,7 +18,7 @@ import nets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_adapt import convnet  # noqa: E402  pylint: disable=wrong-import-position
+from support import convnet
 
 
 @pytest.fixture(scope="module")

@@ -32,29 +32,13 @@ from kd_tf2 import data, engine
 from kd_tf2.engine import config as cfg
 from kd_tf2.engine.strategy import ClusterTask, read_tf_config, wait_for_peers
 from kd_tf2.errors import UsageError
+from support import free_ports, tf_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = "synthetic:train=32,test=16,size=8"
 TRAIN = ["--method=none", "--arch=resnet8", f"--dataset={DATA}", "--batch_size=16",
          "--epochs=2", "--seed=1", "--strategy=multi_worker", "--cluster_timeout=60"]
 HARD_TIMEOUT = 300  # seconds for a whole group of processes; then every one is killed
-
-
-def free_ports(n):
-  """n distinct ports that were free on 127.0.0.1 a moment ago."""
-  sockets = [socket.socket() for _ in range(n)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
-def tf_config(ports, index):
-  return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}})
 
 
 def launch(workdir, name, args, tf_config_json, tmpdir=None):

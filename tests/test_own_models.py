@@ -16,7 +16,7 @@ from kd_tf2.engine import config as cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_adapt import convnet  # noqa: E402  pylint: disable=wrong-import-position
+from support import convnet
 
 DATA = "synthetic:train=64,test=32"
 COMMON = [f"--dataset={DATA}", "--batch_size=32", "--epochs=1"]

@@ -22,7 +22,7 @@ import pytest
 import nets
 from kd_tf2 import data as kd_data
 from kd_tf2.data import subset
-from test_cli import ROOT, _env, metrics, ok, run
+from support import ROOT, _env, metrics, ok, run
 
 # 2,560 images, 10% kept: 260 (26 a class), 16 steps of 16 per epoch (long enough to signal mid-epoch).
 FULL = "synthetic:train=2560,test=32"
