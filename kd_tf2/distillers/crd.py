@@ -88,10 +88,16 @@ class NegativeSampler:
     return tf.gather(tf.constant(self._order), pos)
 
 
-def _exp_scores(v, bank, idx, temperature):
-  """exp(bank[idx[b, j]] . v[b] / T): v [B, D], bank [N, D] (constant), idx [B, K+1] -> [B, K+1]."""
-  dots = tf.matmul(v, bank, transpose_b=True)
-  return tf.exp(tf.gather(dots, idx, axis=1, batch_dims=1) / temperature)
+def _dots(v, bank):
+  """bank . v[b]: v [B, D], bank [N, D] (constant) -> [B, N], one product with the whole bank."""
+  return tf.matmul(v, bank, transpose_b=True)
+
+
+def _exp_scores(dots_s, dots_t, idx, temperature):
+  """exp(dots[b, idx[b, j]] / T) of both anchors: dots_* [B, N], idx int32 [B, K+1] -> two
+  [B, K+1]."""
+  return tuple(tf.exp(tf.gather(dots, idx, axis=1, batch_dims=1) / temperature)
+               for dots in (dots_s, dots_t))
 
 
 def _contrast_pair(out_s, out_t, z, n_data):
@@ -101,7 +107,8 @@ def _contrast_pair(out_s, out_t, z, n_data):
 
 
 # The same, each an XLA cluster of its own, for steps that are not compiled as a whole (nesting
-# them in an XLA-compiled step makes TF 2.21 compile for minutes).
+# them in an XLA-compiled step makes TF 2.21 compile for minutes). The bank products stay outside:
+# TensorFlow's own matmul is faster on CPU than XLA's.
 _FUSED = {f: tf.function(f, jit_compile=True) for f in (_exp_scores, _contrast_pair)}
 
 
@@ -184,10 +191,14 @@ class CRD(Distiller):
     own = tf.cast(tf.reshape(index, [-1, 1]), tf.int64)
     return tf.concat([own, self.sampler(labels, self.num_negatives)], axis=1)
 
-  def _scores(self, v, bank, idx):
-    """exp(bank[idx[b, j]] . v[b] / T): [B, K+1]; the bank is a constant."""
+  def _scores(self, v_s, v_t, idx):
+    """exp(bank[idx[b, j]] . v[b] / T) of the student anchor against the teacher bank and of the
+    teacher anchor against the student bank: two [B, K+1]; the banks are constants."""
+    banks = (tf.stop_gradient(tf.convert_to_tensor(b.value)) for b in (self.bank_t, self.bank_s))
+    dots_s, dots_t = (_dots(v, bank) for v, bank in zip((v_s, v_t), banks))
     scores = _exp_scores if self.jit_compiled else _FUSED[_exp_scores]
-    return scores(v, tf.stop_gradient(tf.convert_to_tensor(bank.value)), idx, self.nce_t)
+    # int32 positions: the gather (and its gradient's scatter) index half the bytes.
+    return scores(dots_s, dots_t, tf.cast(idx, tf.int32), self.nce_t)
 
   def _normalisers(self, out_s, out_t, training):
     """Z = mean(out) * n_data of the first training batch (global mean over replicas), then fixed
@@ -204,8 +215,7 @@ class CRD(Distiller):
 
   def contrast(self, v_s, v_t, idx, training=True):
     """The weighted CRD term of the batch (reads the banks, fixes Z on the first training call)."""
-    out_s = self._scores(v_s, self.bank_t, idx)  # student anchor, teacher bank
-    out_t = self._scores(v_t, self.bank_s, idx)  # teacher anchor, student bank
+    out_s, out_t = self._scores(v_s, v_t, idx)  # student anchor: teacher bank, and vice versa
     z = self._normalisers(out_s, out_t, training)
     pair = _contrast_pair if self.jit_compiled else _FUSED[_contrast_pair]
     return self.method_weight * pair(out_s, out_t, z, float(self.sampler.n_active))
