@@ -453,8 +453,9 @@ def run(config, methods, json_path=None, log=None, timeout=None):
   caption = (f"Training-step speed, {config.teacher_arch} -> {config.arch}, batch "
              f"{config.batch_size}, {config.image_size}x{config.image_size} random images, "
              f"{config.num_classes} classes, {precision}, {compiled}, {threads}; median of "
-             f"{config.steps} steps after {config.warmup} warm-up, each row in its own process; ratios are medians "
-             f"of per-round ratios to references interleaved step by step in that process (absolute "
+             f"{config.steps} steps after {config.warmup} warm-up, each row in its own process; "
+             f"ratios are medians of per-round ratios to references interleaved step by step in "
+             f"that process (absolute "
              f"times of different rows were measured minutes apart: compare rows by their "
              f"ratios). Machine: {machine_label()}; load average {load_start:.1f} at start, "
              f"{load_end:.1f} at end.")
