@@ -69,6 +69,7 @@ def test_table_flags_are_train_flags_absl_style():
     (["table"], "--methods"),
     (["speed", "--steps=0"], "--steps=0"),
     (["speed", "--arch=resnet9000"], "resnet9000"),
+    (["speed", "--threads=-2"], "--threads=-2"),
     (["table", "--methods=AT", "--fractions=2"], "--fractions"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, needle, capsys):
@@ -278,6 +279,18 @@ def test_speed_child_refuses_unknown_method_in_process():
                              warmup=0, num_classes=10, train_size=16)
   result = speed.measure(config, "no_such_method")
   assert result["status"] == "refused" and "no_such_method" in result["message"]
+
+
+def test_speed_threads_flag_sets_tensorflows_thread_pools_of_the_child():
+  """``--threads=1`` reaches the measuring process (its row records the threads it ran with);
+  a negative count is refused before anything runs."""
+  config = speed.SpeedConfig(arch="resnet8", teacher_arch="resnet14", batch_size=4, steps=1,
+                             warmup=0, num_classes=10, train_size=16, threads=1)
+  row = speed.row_from_result(speed._run_child(config, "none"), config.batch_size)
+  assert row["status"] == "ok" and row["threads"] == 1, row
+  assert bench_main.build_parser().parse_args(["speed"]).threads == 0  # TensorFlow's default
+  with pytest.raises(UsageError, match=r"--threads=-1"):
+    speed.validate(speed.SpeedConfig(threads=-1))
 
 
 def _summary(rows):

@@ -63,6 +63,8 @@ def _speed_parser(sub):
   p.add_argument("--train_size", type=int, default=50000,
                  help="training-split size for CRD's memory bank (CIFAR: 50000)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=0, help="TensorFlow intra- and inter-op threads "
+                 "of each measuring process (0: TensorFlow's default, one per usable core)")
   p.add_argument("--timeout", type=float, default=None, help="seconds per row (default: none)")
   p.add_argument("--json", default="", help="write the rows as a JSON list here")
   return p
@@ -107,7 +109,8 @@ def _speed(args):
       arch=args.arch, teacher_arch=args.teacher_arch, batch_size=args.batch_size,
       steps=args.steps, warmup=args.warmup, jit_compile=args.jit_compile,
       mixed_precision=args.mixed_precision, num_classes=args.num_classes,
-      image_size=args.image_size, train_size=args.train_size, seed=args.seed, adapt=args.adapt)
+      image_size=args.image_size, train_size=args.train_size, seed=args.seed, adapt=args.adapt,
+      threads=args.threads)
   config = speed.validate(config)
   methods = speed.resolve_methods(args.methods)
   _, table = speed.run(config, methods, json_path=args.json or None, timeout=args.timeout)

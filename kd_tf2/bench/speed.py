@@ -1,7 +1,8 @@
 """``python -m kd_tf2.bench speed``: what one training step of each method costs.
 
     python -m kd_tf2.bench speed --arch=wrn_16_2 --teacher_arch=wrn_40_2 --methods=all \\
-        [--batch_size=64 --steps=20 --warmup=5 --jit_compile --mixed_precision --json=PATH]
+        [--batch_size=64 --steps=20 --warmup=5 --jit_compile --mixed_precision --threads=N
+         --json=PATH]
 
 Every row is measured in its own child process (``python -m kd_tf2.bench speed-child``), because
 ``resource.getrusage(...).ru_maxrss`` only ever grows within a process: a fresh process per row is
@@ -37,6 +38,11 @@ waits. The ``none`` and
 ``floor`` rows are children of their own (their ratio to themselves is 1 by definition). A method that refuses the pair (``UsageError``) or cannot be compiled with XLA under
 ``--jit_compile`` is reported as refused, and any other failure as an error, without stopping the
 other rows.
+
+``threads`` (``--threads=N``) sets both of TensorFlow's thread pools (intra-op and inter-op) of
+every child to N threads; 0 (the default) keeps TensorFlow's own choice, one thread per core the
+process may run on (``taskset -c 0`` therefore gives one thread). The row records the intra-op
+threads the child ran with (``threads``).
 """
 import dataclasses
 import json
@@ -74,6 +80,7 @@ class SpeedConfig:
   train_size: int = 50000
   seed: int = 0
   adapt: bool = False
+  threads: int = 0  # TensorFlow's intra- and inter-op threads; 0 = TensorFlow's default
 
 
 def validate(config):
@@ -81,7 +88,8 @@ def validate(config):
   import nets  # pylint: disable=import-outside-toplevel
   from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
   for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("num_classes", 2),
-                    ("image_size", 8), ("train_size", 2), ("seed", 0)):
+                    ("image_size", 8), ("train_size", 2), ("seed", 0),
+                    ("threads", 0)):
     value = getattr(config, name)
     if not is_int(value) or value < low:
       raise UsageError(f"--{name}={value!r}: must be an integer >= {low}")
@@ -283,7 +291,17 @@ def measure(config, main):
   ms = {kind: [round(1000.0 * wall, 4) for wall, _ in values] for kind, values in times.items()}
   cpu_ms = {kind: [round(1000.0 * cpu, 4) for _, cpu in values]
             for kind, values in times.items()}
-  return {"main": main, "status": "ok", "peak_rss_mb": peak, "ms": ms, "cpu_ms": cpu_ms}
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return {"main": main, "status": "ok", "peak_rss_mb": peak, "ms": ms, "cpu_ms": cpu_ms,
+          "threads": _threads_in_use(tf)}
+
+
+def _threads_in_use(tf):
+  """The intra-op threads TensorFlow runs ops with (its default when not set: the usable cores)."""
+  chosen = tf.config.threading.get_intra_op_parallelism_threads()
+  if chosen:
+    return chosen
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _one_line(error):
@@ -295,8 +313,12 @@ def child_main(config_json, main):
   """Entry point of ``python -m kd_tf2.bench speed-child CONFIG_JSON MAIN``: prints one result
   line (``RESULT_PREFIX`` + JSON) on stdout."""
   from kd_tf2 import cli  # pylint: disable=import-outside-toplevel
-  cli.start_tensorflow()
   config = SpeedConfig(**json.loads(config_json))
+  if config.threads:  # before TensorFlow initialises its runtime (start_tensorflow does)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(config.threads)
+  cli.start_tensorflow()
   result = measure(config, main)
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -330,6 +352,7 @@ def row_from_result(result, batch_size):
   timed step of the row and of its references, round by round, for other statistics)."""
   main = result["main"]
   row = {"method": main, **{k: None for k in KEYS[1:] + CPU_KEYS}, "status": result["status"],
+         "threads": result.get("threads"),
          "note": "", "samples_ms": result.get("ms", {}), "samples_cpu_ms": result.get("cpu_ms", {})}
   if result["status"] != "ok":
     row["note"] = result.get("message", "")
@@ -435,11 +458,14 @@ def run(config, methods, json_path=None, log=None, timeout=None):
   precision = "mixed precision" if config.mixed_precision else "float32"
   compiled = "tf.function + XLA" if config.jit_compile else "tf.function (no XLA)"
   adapted = " (kd_tf2.adapt of functional copies)" if config.adapt else ""
+  threads = (f"TensorFlow threads {config.threads} (--threads)" if config.threads else
+             "TensorFlow's default threads (one per usable core)")
   caption = (f"Training-step speed, {config.teacher_arch} -> {config.arch}{adapted}, batch "
              f"{config.batch_size}, {config.image_size}x{config.image_size} random images, "
-             f"{config.num_classes} classes, {precision}, {compiled}; median of {config.steps} "
-             f"steps after {config.warmup} warm-up, each row in its own process; ratios are medians "
-             f"of per-round ratios to references interleaved step by step in that process (absolute "
+             f"{config.num_classes} classes, {precision}, {compiled}, {threads}; median of "
+             f"{config.steps} steps after {config.warmup} warm-up, each row in its own process; "
+             f"ratios are medians of per-round ratios to references interleaved step by step in "
+             f"that process (absolute "
              f"times of different rows were measured minutes apart: compare rows by their "
              f"ratios). Machine: {machine_label()}; load average {load_start:.1f} at start, "
              f"{load_end:.1f} at end.")
