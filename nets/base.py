@@ -60,6 +60,63 @@ class ZooNet(keras.Model):
     return cls(**config)
 
 
+class StagedNet(ZooNet):
+  """stem → stages of blocks → head → classifier: the ResNets and ShuffleNets (NETS.md §2).
+
+  Subclasses create ``conv1``/``bn1`` (the stem), ``stages`` (a list of lists of blocks, each
+  ``block(x, training) -> (out, pre)`` with a ``torch_layers()`` table, registered as
+  ``layer{s}.{i}``) and ``classifier``; they override ``stem``/``head``/``head_layers`` where they
+  differ. Features: the stem output, then each stage's output; preacts: the stem's preact, then
+  each stage's last ``pre``; embedding: ``head`` of the last map (global average by default).
+  """
+
+  def stem(self, x, training):
+    """-> (feature, preact) of the stem: ReLU(bn1(conv1(x))) twice by default."""
+    x = relu(self.bn1(self.conv1(x), training=training))
+    return x, x
+
+  def head(self, x, training):
+    del training
+    return ops.mean(x, axis=(1, 2))
+
+  def head_layers(self):
+    """(path, layer) of weighted layers between the last stage and the classifier."""
+    return ()
+
+  def forward(self, x, training):
+    x, pre = self.stem(x, training)
+    feats, preacts = [x], [pre]
+    for blocks in self.stages:
+      for block in blocks:
+        x, pre = block(x, training=training)
+      feats.append(x)
+      preacts.append(pre)
+    return feats, preacts, self.head(x, training)
+
+  def torch_layers(self):
+    yield "conv1", self.conv1
+    yield "bn1", self.bn1
+    for s, blocks in enumerate(self.stages, start=1):
+      for i, block in enumerate(blocks):
+        yield from prefixed(f"layer{s}.{i}", block.torch_layers())
+    yield from self.head_layers()
+    yield self.classifier.name, self.classifier
+
+
+def make_stages(in_channels, specs, make_block):
+  """Blocks of each stage: specs = [(width, stride, n)]; ``make_block(s, i, in_ch, width, stride)``
+  builds block i of stage s (1-based s; only block 0 takes the stride) and returns
+  (block, out_channels). Returns (stages, channels after the last stage)."""
+  stages = []
+  for s, (width, stride, n) in enumerate(specs, start=1):
+    blocks = []
+    for i in range(n):
+      block, in_channels = make_block(s, i, in_channels, width, stride if i == 0 else 1)
+      blocks.append(block)
+    stages.append(blocks)
+  return stages, in_channels
+
+
 class Block(keras.layers.Layer):
   """A block of a zoo net. Its sub-layers build themselves on first call; this ``build`` only marks
   the block built, which spares Keras a second, symbolic trace of every block while building."""

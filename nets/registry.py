@@ -1,13 +1,13 @@
 """Name -> builder registry of the zoo (timm-style ``@register``), case-insensitive look-up.
 
-Besides the registered names, any ``wrn_<depth>_<width>`` resolves to a Wide ResNet
-(depth = 6n + 4, NETS.md §2.3).
+Families with a parametric name (``wrn_<depth>_<width>``) register a pattern with
+``register_pattern``; the registry itself knows no family.
 """
 import functools
 import re
 
 _BUILDERS = {}
-_WRN = re.compile(r"wrn_(\d+)_(\d+)")
+_PATTERNS = []  # (compiled regex, canonical(match) -> name | None, build(name, ...), hint)
 
 
 def register(fn=None, *, name=None):
@@ -31,9 +31,33 @@ def register(fn=None, *, name=None):
   return deco(fn) if fn is not None else deco
 
 
+def register_pattern(regex, canonical, build, hint):
+  """Register a family of names matching ``regex`` (full match on the lower-cased name).
+
+  canonical(match) -> the registry spelling, or None when the match is not a valid member;
+  build(name, num_classes=..., **kw) -> ZooNet for a canonical name;
+  hint: how the family reads in the unknown-name error, e.g. 'any wrn_<depth>_<width> ...'.
+  """
+  _PATTERNS.append((re.compile(regex), canonical, build, hint))
+
+
 def available():
-  """The registered names in registration order (any wrn_<depth>_<width> works as well)."""
+  """The registered names in registration order (pattern families are listed by ``hints()``)."""
   return list(_BUILDERS)
+
+
+def hints():
+  """One phrase per registered name pattern."""
+  return [hint for _, _, _, hint in _PATTERNS]
+
+
+def _pattern_match(lowered):
+  for regex, canonical, build, _ in _PATTERNS:
+    m = regex.fullmatch(lowered)
+    name = canonical(m) if m else None
+    if name:
+      return name, build
+  return None, None
 
 
 def canonical_name(name):
@@ -43,13 +67,11 @@ def canonical_name(name):
     for key in _BUILDERS:
       if key.lower() == lowered:
         return key
-    m = _WRN.fullmatch(lowered)
-    if m:
-      depth, width = int(m.group(1)), int(m.group(2))
-      if depth >= 10 and (depth - 4) % 6 == 0 and width >= 1:
-        return f"wrn_{depth}_{width}"
-  raise ValueError(f"unknown net {name!r}; known nets: {', '.join(available())} "
-                   "(and any wrn_<depth>_<width> with depth = 6n + 4 >= 10, width >= 1)")
+    key, _ = _pattern_match(lowered)
+    if key:
+      return key
+  extra = "".join(f" (and {hint})" for hint in hints())
+  raise ValueError(f"unknown net {name!r}; known nets: {', '.join(available())}{extra}")
 
 
 def create(name, num_classes=100, *, synchronized_bn=False, **kwargs):
@@ -63,7 +85,6 @@ def create(name, num_classes=100, *, synchronized_bn=False, **kwargs):
   if key in _BUILDERS:
     builder = _BUILDERS[key]
   else:
-    from nets.wrn import wide_resnet  # pylint: disable=import-outside-toplevel
-    m = _WRN.fullmatch(key)
-    builder = functools.partial(wide_resnet, int(m.group(1)), int(m.group(2)), arch=key)
+    _, build = _pattern_match(key.lower())
+    builder = functools.partial(build, key)
   return builder(num_classes=num_classes, synchronized_bn=synchronized_bn, **kwargs)

@@ -9,7 +9,7 @@ before its ReLU; embedding: global average of the last map, [B, w3].
 import keras
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, StagedNet, make_stages, relu
 from nets.registry import register
 
 
@@ -53,7 +53,7 @@ class BasicBlock(Block):
 
 
 @keras.saving.register_keras_serializable(package="nets")
-class CifarResNet(ZooNet):
+class CifarResNet(StagedNet):
   """CIFAR ResNet of depth 6n + 2 and widths (w0, w1, w2, w3). Input [B, 32, 32, 3].
 
   Conv init He-normal fan_out; classifier PyTorch default (NETS.md §1.5).
@@ -70,36 +70,16 @@ class CifarResNet(ZooNet):
     sync = self.synchronized_bn
     self.conv1 = L.conv3x3(self.widths[0], name="conv1", kernel_initializer=L.he_normal_fan_out())
     self.bn1 = L.batch_norm("bn1", sync)
-    self.stages = []
-    in_ch = self.widths[0]
-    for s, (width, stride) in enumerate(zip(self.widths[1:], (1, 2, 2)), start=1):
-      blocks = []
-      for i in range(n):
-        blocks.append(BasicBlock(in_ch, width, stride if i == 0 else 1, sync, name=f"layer{s}.{i}"))
-        in_ch = width
-      self.stages.append(blocks)
-    self.classifier = L.dense(self.num_classes, in_ch, "torch", name="fc")
+
+    def block(s, i, in_ch, width, stride):
+      return BasicBlock(in_ch, width, stride, sync, name=f"layer{s}.{i}"), width
+
+    specs = [(w, st, n) for w, st in zip(self.widths[1:], (1, 2, 2))]
+    self.stages, out_ch = make_stages(self.widths[0], specs, block)
+    self.classifier = L.dense(self.num_classes, out_ch, "torch", name="fc")
 
   def arch_config(self):
     return {"depth": self.depth, "widths": list(self.widths)}
-
-  def forward(self, x, training):
-    x = relu(self.bn1(self.conv1(x), training=training))
-    feats, preacts = [x], [x]
-    for blocks in self.stages:
-      for block in blocks:
-        x, pre = block(x, training=training)
-      feats.append(x)
-      preacts.append(pre)
-    return feats, preacts, L.global_avg_pool(x)
-
-  def torch_layers(self):
-    yield "conv1", self.conv1
-    yield "bn1", self.bn1
-    for s, blocks in enumerate(self.stages, start=1):
-      for i, block in enumerate(blocks):
-        yield from prefixed(f"layer{s}.{i}", block.torch_layers())
-    yield "fc", self.classifier
 
 
 def _cifar_resnet(depth, widths):

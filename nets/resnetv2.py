@@ -9,19 +9,21 @@ sum before ReLU; embedding: global average of the last map, [B, 2048] (ResNet50)
 import keras
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, StagedNet, make_stages, relu
 from nets.registry import register
 from nets.resnet import BasicBlock
 
 
 class Bottleneck(Block):
   """conv1x1 (in→p) → BN → ReLU → conv3x3/s (p→p) → BN → ReLU → conv1x1 (p→4p) → BN, plus identity or
-  projection conv1x1/s → BN (``shortcut.0/1``); returns (ReLU(sum), sum).
+  projection conv1x1/s → BN (``{shortcut_name}.0/1``: 'shortcut' here, 'downsample' in torchvision);
+  returns (ReLU(sum), sum).
   Shapes: [B, H, W, in] -> [B, H/s, W/s, 4p] twice."""
 
   expansion = 4
 
-  def __init__(self, in_channels, planes, strides=1, synchronized_bn=False, **kwargs):
+  def __init__(self, in_channels, planes, strides=1, synchronized_bn=False,
+               shortcut_name="shortcut", **kwargs):
     super().__init__(**kwargs)
     init = L.he_normal_fan_out
     out_channels = self.expansion * planes
@@ -33,9 +35,10 @@ class Bottleneck(Block):
     self.bn3 = L.batch_norm("bn3", synchronized_bn)
     self.projects = strides != 1 or in_channels != out_channels
     if self.projects:
-      self.proj_conv = L.conv1x1(out_channels, strides, name="shortcut.0",
+      self.proj_conv = L.conv1x1(out_channels, strides, name=f"{shortcut_name}.0",
                                  kernel_initializer=init())
-      self.proj_bn = L.batch_norm("shortcut.1", synchronized_bn)
+      self.proj_bn = L.batch_norm(f"{shortcut_name}.1", synchronized_bn)
+    self.shortcut_name = shortcut_name
 
   def call(self, x, training=None):
     h = relu(self.bn1(self.conv1(x), training=training))
@@ -50,15 +53,15 @@ class Bottleneck(Block):
       yield f"conv{i}", getattr(self, f"conv{i}")
       yield f"bn{i}", getattr(self, f"bn{i}")
     if self.projects:
-      yield "shortcut.0", self.proj_conv
-      yield "shortcut.1", self.proj_bn
+      yield f"{self.shortcut_name}.0", self.proj_conv
+      yield f"{self.shortcut_name}.1", self.proj_bn
 
 
 _BLOCKS = ("basic", "bottleneck")
 
 
 @keras.saving.register_keras_serializable(package="nets")
-class ResNetV2(ZooNet):
+class ResNetV2(StagedNet):
   """CIFAR-stem ResNet with four stages of ``num_blocks`` blocks, planes 64/128/256/512, strides
   1/2/2/2. Conv init He-normal fan_out; classifier PyTorch default (NETS.md §1.5)."""
 
@@ -69,46 +72,28 @@ class ResNetV2(ZooNet):
     if len(num_blocks) != 4 or min(num_blocks) < 1:
       raise ValueError(f"num_blocks must be four positive counts, got {num_blocks!r}")
     self.block, self.num_blocks = block, tuple(int(n) for n in num_blocks)
-    sync = self.synchronized_bn
     self.conv1 = L.conv3x3(64, name="conv1", kernel_initializer=L.he_normal_fan_out())
-    self.bn1 = L.batch_norm("bn1", sync)
-    self.stages = []
-    in_ch = 64
-    for s, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2),
-                                                self.num_blocks), start=1):
-      blocks = []
-      for i in range(n):
-        st = stride if i == 0 else 1
-        if block == "bottleneck":
-          blocks.append(Bottleneck(in_ch, planes, st, sync, name=f"layer{s}.{i}"))
-          in_ch = planes * Bottleneck.expansion
-        else:
-          blocks.append(BasicBlock(in_ch, planes, st, sync, shortcut_name="shortcut",
-                                   name=f"layer{s}.{i}"))
-          in_ch = planes
-      self.stages.append(blocks)
-    self.classifier = L.dense(self.num_classes, in_ch, "torch", name="linear")
+    self.bn1 = L.batch_norm("bn1", self.synchronized_bn)
+    specs = list(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks))
+    self.stages, out_ch = make_stages(64, specs, resnet_block(block, "shortcut",
+                                                              self.synchronized_bn))
+    self.classifier = L.dense(self.num_classes, out_ch, "torch", name="linear")
 
   def arch_config(self):
     return {"block": self.block, "num_blocks": list(self.num_blocks)}
 
-  def forward(self, x, training):
-    x = relu(self.bn1(self.conv1(x), training=training))
-    feats, preacts = [x], [x]
-    for blocks in self.stages:
-      for block in blocks:
-        x, pre = block(x, training=training)
-      feats.append(x)
-      preacts.append(pre)
-    return feats, preacts, L.global_avg_pool(x)
 
-  def torch_layers(self):
-    yield "conv1", self.conv1
-    yield "bn1", self.bn1
-    for s, blocks in enumerate(self.stages, start=1):
-      for i, block in enumerate(blocks):
-        yield from prefixed(f"layer{s}.{i}", block.torch_layers())
-    yield "linear", self.classifier
+def resnet_block(block, shortcut_name, synchronized_bn):
+  """``make_stages`` block factory: 'basic' (BasicBlock) or 'bottleneck' (Bottleneck, expansion 4),
+  with the projection named ``shortcut_name``."""
+  def make(s, i, in_ch, planes, stride):
+    name = f"layer{s}.{i}"
+    if block == "bottleneck":
+      return (Bottleneck(in_ch, planes, stride, synchronized_bn, shortcut_name=shortcut_name,
+                         name=name), planes * Bottleneck.expansion)
+    return (BasicBlock(in_ch, planes, stride, synchronized_bn, shortcut_name=shortcut_name,
+                       name=name), planes)
+  return make
 
 
 @register

@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, StagedNet, make_stages, relu
 from nets.registry import register
 
 
@@ -51,7 +51,7 @@ class ShuffleUnit(Block):
 
 
 @keras.saving.register_keras_serializable(package="nets")
-class ShuffleNetV1(ZooNet):
+class ShuffleNetV1(StagedNet):
   """ShuffleNetV1 with stage widths ``out_planes``, ``num_blocks`` units per stage and ``groups``
   groups, for 32x32 inputs. Init: PyTorch defaults everywhere (NETS.md §1.5)."""
 
@@ -64,39 +64,19 @@ class ShuffleNetV1(ZooNet):
     sync = self.synchronized_bn
     self.conv1 = L.conv1x1(24, name="conv1")
     self.bn1 = L.batch_norm("bn1", sync)
-    self.stages = []
-    in_ch = 24
-    for s, (width, n) in enumerate(zip(self.out_planes, self.num_blocks), start=1):
-      units = []
-      for u in range(n):
-        branch = width - in_ch if u == 0 else width  # unit 0 concatenates its input
-        units.append(ShuffleUnit(in_ch, branch, 2 if u == 0 else 1, self.groups, sync,
-                                 name=f"layer{s}.{u}"))
-        in_ch = width
-      self.stages.append(units)
-    self.classifier = L.dense(self.num_classes, in_ch, "torch", name="linear")
+
+    def unit(s, u, in_ch, width, stride):
+      branch = width - in_ch if u == 0 else width  # unit 0 concatenates its input
+      return ShuffleUnit(in_ch, branch, stride, self.groups, sync,
+                         name=f"layer{s}.{u}"), width
+
+    specs = [(w, 2, n) for w, n in zip(self.out_planes, self.num_blocks)]
+    self.stages, out_ch = make_stages(24, specs, unit)
+    self.classifier = L.dense(self.num_classes, out_ch, "torch", name="linear")
 
   def arch_config(self):
     return {"out_planes": list(self.out_planes), "num_blocks": list(self.num_blocks),
             "groups": self.groups}
-
-  def forward(self, x, training):
-    x = relu(self.bn1(self.conv1(x), training=training))
-    feats, preacts = [x], [x]
-    for units in self.stages:
-      for unit in units:
-        x, pre = unit(x, training=training)
-      feats.append(x)
-      preacts.append(pre)
-    return feats, preacts, L.global_avg_pool(x)
-
-  def torch_layers(self):
-    yield "conv1", self.conv1
-    yield "bn1", self.bn1
-    for s, units in enumerate(self.stages, start=1):
-      for u, unit in enumerate(units):
-        yield from prefixed(f"layer{s}.{u}", unit.torch_layers())
-    yield "linear", self.classifier
 
 
 @register

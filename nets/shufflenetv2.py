@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, StagedNet, make_stages, relu
 from nets.registry import register
 
 
@@ -78,7 +78,7 @@ class SplitUnit(Block):
 
 
 @keras.saving.register_keras_serializable(package="nets")
-class ShuffleNetV2(ZooNet):
+class ShuffleNetV2(StagedNet):
   """ShuffleNetV2 with stage widths ``out_channels[:3]``, head width ``out_channels[3]`` and
   ``num_blocks`` split units after each stage's down unit, for 32x32 inputs.
   Init: PyTorch defaults everywhere (NETS.md §1.5)."""
@@ -91,13 +91,15 @@ class ShuffleNetV2(ZooNet):
     sync = self.synchronized_bn
     self.conv1 = L.conv1x1(24, name="conv1")
     self.bn1 = L.batch_norm("bn1", sync)
-    self.stages = []
-    in_ch = 24
-    for s, (width, n) in enumerate(zip(self.out_channels[:3], self.num_blocks), start=1):
-      units = [DownUnit(in_ch, width, sync, name=f"layer{s}.0")]
-      units += [SplitUnit(width, sync, name=f"layer{s}.{u}") for u in range(1, n + 1)]
-      self.stages.append(units)
-      in_ch = width
+
+    def unit(s, u, in_ch, width, stride):
+      del stride
+      if u == 0:
+        return DownUnit(in_ch, width, sync, name=f"layer{s}.0"), width
+      return SplitUnit(width, sync, name=f"layer{s}.{u}"), width
+
+    specs = [(w, 2, n + 1) for w, n in zip(self.out_channels[:3], self.num_blocks)]
+    self.stages, _ = make_stages(24, specs, unit)
     self.conv2 = L.conv1x1(self.out_channels[3], name="conv2")
     self.bn2 = L.batch_norm("bn2", sync)
     self.classifier = L.dense(self.num_classes, self.out_channels[3], "torch", name="linear")
@@ -105,26 +107,12 @@ class ShuffleNetV2(ZooNet):
   def arch_config(self):
     return {"out_channels": list(self.out_channels), "num_blocks": list(self.num_blocks)}
 
-  def forward(self, x, training):
-    x = relu(self.bn1(self.conv1(x), training=training))
-    feats, preacts = [x], [x]
-    for units in self.stages:
-      for unit in units:
-        x, pre = unit(x, training=training)
-      feats.append(x)
-      preacts.append(pre)
-    h = relu(self.bn2(self.conv2(x), training=training))
-    return feats, preacts, L.global_avg_pool(h)
+  def head(self, x, training):
+    return L.global_avg_pool(relu(self.bn2(self.conv2(x), training=training)))
 
-  def torch_layers(self):
-    yield "conv1", self.conv1
-    yield "bn1", self.bn1
-    for s, units in enumerate(self.stages, start=1):
-      for u, unit in enumerate(units):
-        yield from prefixed(f"layer{s}.{u}", unit.torch_layers())
+  def head_layers(self):
     yield "conv2", self.conv2
     yield "bn2", self.bn2
-    yield "linear", self.classifier
 
 
 @register

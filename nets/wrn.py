@@ -11,7 +11,7 @@ import keras
 
 from nets import layers as L
 from nets.base import Block, ZooNet, prefixed, relu
-from nets.registry import register
+from nets.registry import register, register_pattern
 
 
 def check_wrn_depth(depth, width):
@@ -108,10 +108,22 @@ class WideResNet(ZooNet):
     yield "fc", self.classifier
 
 
-def wide_resnet(depth, width, num_classes=100, **kwargs):
-  """WRN-depth-width (any depth = 6n + 4, width >= 1)."""
-  kwargs.setdefault("arch", f"wrn_{depth}_{width}")
-  return WideResNet(depth, width, num_classes=num_classes, **kwargs)
+def _wrn_name(match):
+  """'wrn_<d>_<k>' for a valid depth/width (depth = 6n + 4 >= 10, width >= 1), else None."""
+  depth, width = int(match.group(1)), int(match.group(2))
+  if depth >= 10 and (depth - 4) % 6 == 0 and width >= 1:
+    return f"wrn_{depth}_{width}"
+  return None
+
+
+def _wrn_from_name(name, num_classes=100, **kwargs):
+  _, depth, width = name.split("_")
+  kwargs.setdefault("arch", name)
+  return WideResNet(int(depth), int(width), num_classes=num_classes, **kwargs)
+
+
+register_pattern(r"wrn_(\d+)_(\d+)", _wrn_name, _wrn_from_name,
+                 "any wrn_<depth>_<width> with depth = 6n + 4 >= 10, width >= 1")
 
 
 def _wrn(depth, width):
