@@ -28,6 +28,9 @@ flags.DEFINE_string("teacher_arch", "resnet32x4", "Teacher architecture (a nets 
 flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file, or reference "
                     "weights (.npz, .pth). Empty: train a --teacher_arch teacher into "
                     "TRAIN_DIR/teacher first (or reuse it).")
+flags.DEFINE_string("peers", "", "Online methods (DML, KDCL): comma-separated nets trained "
+                    "together with the student, e.g. resnet20,wrn_16_2; each exported as "
+                    "TRAIN_DIR/peer<i>.keras.")
 flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
@@ -61,9 +64,9 @@ flags.DEFINE_boolean("jit_compile", False, "Compile the per-replica step with XL
 flags.DEFINE_boolean("mixed_precision", False, "mixed_float16 on GPU (loss scaling), "
                      "mixed_bfloat16 on CPU/TPU.")
 
-_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "dataset", "data_dir", "fraction",
-           "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
-           "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
+_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "peers", "dataset", "data_dir",
+           "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr",
+           "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
            "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision")
 
 

@@ -29,6 +29,7 @@ class TrainConfig:
   arch: str = "resnet8x4"
   teacher_arch: str = "resnet32x4"
   teacher_ckpt: str = ""
+  peers: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -77,6 +78,7 @@ def validate(config):
   c = config
   method = distillers.canonical_name(c.method)
   arch = _net_name("arch", c.arch)
+  peers = _peers(c.peers, method)
   teacher_arch = _net_name("teacher_arch", c.teacher_arch)
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
@@ -110,17 +112,38 @@ def validate(config):
   if c.init_epochs is not None and cls.init_epochs is None:
     raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
                      f"(methods with one: {', '.join(distillers.with_stages())})")
-  if c.teacher_ckpt and not needs_teacher(c.replace(method=method)):
+  if c.teacher_ckpt and not needs_teacher(c.replace(method=method, peers=peers)):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} reads no teacher (it "
                      "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch} peer from scratch together with the student; drop the flag")
+  c = c.replace(peers=peers)
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs,
                    dataset=c.dataset.strip(),
                    teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
+
+
+def _peers(value, method):
+  """``--peers``: comma list of zoo nets -> canonical comma list; refused for methods without
+  peers, required by methods that need some (``min_peers``)."""
+  if not isinstance(value, str):
+    raise UsageError(f"--peers={value!r}: must be a comma-separated list of nets")
+  names = [_net_name("peers", n) for n in value.split(",") if n.strip()] if value.strip() else []
+  cls = distillers.get(method)
+  takes = "peers" in cls.accepted_hparams()
+  if names and not takes:
+    with_peers = [m for m in distillers.available()
+                  if "peers" in distillers.get(m).accepted_hparams()]
+    raise UsageError(f"--peers={value}: method {method} trains no peers (methods with peers: "
+                     f"{', '.join(with_peers)})")
+  need = getattr(cls, "min_peers", 0)
+  if len(names) < need:
+    raise UsageError(f"--peers={value!r}: method {method} needs at least {need} peer net(s), "
+                     "e.g. --peers=resnet20")
+  return ",".join(names)
 
 
 def _net_name(flag, name):
@@ -134,12 +157,17 @@ def default_train_dir(c, method, arch, teacher_arch):
   """``runs/<dataset>/<method>_<teacher>_<student>_seed<seed>`` (no teacher part for ``none``)."""
   data = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(c.dataset.rstrip("/\\")) or "data")
   pair = arch if method == "none" else f"{teacher_arch}_{arch}"
+  if not needs_teacher(c.replace(method=method)):
+    pair = "_".join([arch] + [p for p in c.peers.split(",") if p])
   return os.path.join("runs", data, f"{method}_{pair}_seed{c.seed}")
 
 
 def needs_teacher(config):
   """Whether the run reads a teacher (the method uses one, or ``--kd_weight`` turns KD on)."""
-  return distillers.get(config.method).reads_teacher(config.kd_weight)
+  cls = distillers.get(config.method)
+  if config.peers and not cls.pretrained_teacher:
+    return False  # the --peers replace the teacher slot's peer (DML cohorts)
+  return cls.reads_teacher(config.kd_weight)
 
 
 def teacher_source(config):
@@ -178,7 +206,7 @@ def settings(config):
 # What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
 # training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
 # The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
-TEACHER_RESETS = ("teacher_ckpt", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
+TEACHER_RESETS = ("teacher_ckpt", "peers", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
                   "method_weight", "temperature")
 
 

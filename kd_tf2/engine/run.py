@@ -166,8 +166,12 @@ class _Job:
       if self.source == "fresh":
         teacher = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape,
                                    synchronized_bn=sync)
+      peers = {}
+      if c.peers:  # further nets trained with the student (online methods), built like it
+        peers["peers"] = [models.build_net(a, self.info.num_classes, self.input_shape,
+                                           synchronized_bn=sync) for a in c.peers.split(",")]
       distiller = distillers.create(c.method, student, teacher, input_shape=self.input_shape,
-                                    **self.hparams, **self._engine_hparams)
+                                    **self.hparams, **self._engine_hparams, **peers)
     return student, teacher, distiller
 
   def train_teacher(self):
@@ -226,7 +230,7 @@ class _Job:
                    train_dir=run.path, keras_file=run.keras_file, saved_model=run.saved_model,
                    student_params=int(sum(int(tf.size(v)) for v in student.trainable_variables)))
     extra = distiller.extra_exports()
-    for name, model in extra.items():
+    for name, model in distiller.eval_models().items():
       results[f"{name}_top1"] = Evaluator(model, self.strategy)(self.test_ds)["top1"]
     if self.chief:
       models.export(student, run, self.input_shape)
