@@ -275,3 +275,45 @@ def test_bad_online_inputs():
     distillers.create("CL", net(), None, branches=1)
   with pytest.raises(UsageError, match=r"ensemble='mean' for KDCL; accepted: minlogit, naive"):
     distillers.create("KDCL", net(), None, peers=[net()], ensemble="mean")
+
+
+# ------------------------------------------------------------------------------ CS-KD
+def test_class_paired_batches_pair_each_sample_with_its_class():
+  from kd_tf2 import data as kd_data
+  ds, info = kd_data.load("synthetic", "train", batch_size=8, fraction=0.5, seed=3,
+                          pair_by_class=True)
+  plain, _ = kd_data.load("synthetic", "train", batch_size=8, fraction=0.5, seed=3,
+                          shuffle=False, drop_remainder=False)
+  subset = {int(i) for b in plain for i in b["index"].numpy()}
+  seen, partners = 0, set()
+  for b in ds.take(info.num_batches):
+    labels, index = b["label"].numpy(), b["index"].numpy()
+    assert len(labels) == 8
+    np.testing.assert_array_equal(labels[0::2], labels[1::2])
+    assert set(index.tolist()) <= subset
+    partners.update(index[1::2].tolist())
+    seen += 1
+  assert seen == info.num_batches and len(partners) > 8  # random partners, not a fixed one
+
+
+def test_cskd_terms_are_eq3_on_anchors_and_partners():
+  d = distillers.create("CS-KD", net(seed=1), None)
+  assert (d.method_name, d.temperature, d.method_weight) == ("CSKD", 4.0, 1.0)
+  kernel = d.student.classifier.kernel
+  kernel.assign(kernel * 30.0)  # logits far apart: the KL is not a float32 round-off
+  b = batch()
+  s = d.student_outputs(b["image"], training=False)
+  terms = d.total_terms(s, None, b, training=False)
+  z, y = s.logits.numpy(), b["label"].numpy()
+  assert float(terms["ce"]) == pytest.approx(np_ce(z[0::2], y[0::2]), rel=1e-5)
+  want = 16.0 * np_kl(np_soft(z[1::2], 4.0), np_log_softmax(z[0::2] / 4.0))
+  assert float(terms["cs_kd"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_cskd_refuses_odd_replica_shares():
+  from kd_tf2.engine.run import check_execution
+  c = cfg.validate(cfg.TrainConfig(method="CS-KD", arch="resnet8", dataset="synthetic",
+                                   batch_size=6))
+  check_execution(c, 1)
+  with pytest.raises(UsageError, match=r"--batch_size=6: method CSKD .* multiple of 4"):
+    check_execution(c, 2)

@@ -53,7 +53,8 @@ class Info:
 
 
 def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data_dir=None,
-         shuffle=None, drop_remainder=None, image_size=None, input_context=None):
+         shuffle=None, drop_remainder=None, image_size=None, input_context=None,
+         pair_by_class=False):
   """Builds the input pipeline of one split; returns ``(tf.data.Dataset, Info)``.
 
   Args:
@@ -71,6 +72,8 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
     input_context: a ``tf.distribute.InputContext``: stream this input pipeline's rows of every
       global batch, as batches of the per-replica size. Every pipeline shuffles and draws the
       augmentation alike, so the global batches are those of the unsharded pipeline (same seed).
+    pair_by_class: follow every sample by a random sample of its class (CS-KD,
+      ``kd_tf2.data.paired``).
   """
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
@@ -105,7 +108,7 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
 
   ds = pipeline.build(data.tensor, data.labels, indices, batch_size=batch_size, mean=mean,
                       std=std, seed=seed, shuffle=shuffle, augment=augment,
-                      drop_remainder=drop_remainder, rows=rows)
+                      drop_remainder=drop_remainder, rows=rows, pair_by_class=pair_by_class)
   batch_size = batch_size if rows is None else rows[2]
   info = Info(name=name, split=split, num_classes=num_classes, class_names=data.class_names,
               class_counts=counts, num_examples=num_examples, split_size=len(data.labels),

@@ -13,6 +13,8 @@ seed, if the program sets one). Iterating the dataset again is the next epoch.
 import numpy as np
 import tensorflow as tf
 
+from kd_tf2.data import paired
+
 PAD = 4
 
 
@@ -43,7 +45,7 @@ def _sub_seeds(seed):
 
 
 def build(images, labels, indices, *, batch_size, mean, std, seed, shuffle, augment,
-          drop_remainder, rows=None):
+          drop_remainder, rows=None, pair_by_class=False):
   """A one-pass ``tf.data.Dataset`` of ``{"image", "label", "index"}`` batches.
 
   images: uint8 tensor [N, H, W, C] (the whole split); labels: int64 [N]; indices: int64 [M],
@@ -63,6 +65,8 @@ def build(images, labels, indices, *, batch_size, mean, std, seed, shuffle, augm
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
   if shuffle:
     ds = ds.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
+  if pair_by_class:  # CS-KD: [anchor, partner of its class, ...] (kd_tf2.data.paired)
+    ds = paired.class_partners(ds, labels.numpy(), indices, shuffle_seed + 1)
   if augment:
     randoms = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip(ds, randoms)

@@ -97,6 +97,15 @@ def check_execution(config, replicas):
                      "BatchNorm all-reduces inside the compiled per-replica step, which TF 2.21 "
                      "refuses (merge_call in a nested tf.function); use one replica or drop "
                      "--jit_compile")
+  if getattr(distillers.get(config.method), "paired_batches", False) and (
+      config.batch_size // replicas) % 2:
+    raise UsageError(f"--batch_size={config.batch_size}: method {config.method} trains on "
+                     f"anchor/partner pairs, so each of the {replicas} replica(s) needs an even "
+                     f"share of the batch; use a multiple of {2 * replicas}")
+  if getattr(distillers.get(config.method), "paired_batches", False) and (
+      config.strategy == "multi_worker"):
+    raise UsageError(f"--strategy=multi_worker: method {config.method}'s class-paired batches "
+                     "are not built by the sharded input pipeline; use one worker")
   reason = distillers.get(config.method).jit_unsupported
   if config.jit_compile and reason:
     raise UsageError(f"--jit_compile: method {config.method} cannot be compiled with XLA: {reason}")
@@ -114,8 +123,10 @@ class _Job:
     # Seeded before the pipeline is built, so its shuffle follows --seed (as the multi-worker
     # pipeline, built later, does): one worker and several see the same batches.
     keras.utils.set_random_seed(c.seed)
+    paired = getattr(distillers.get(c.method), "paired_batches", False)  # CS-KD
     self.train_ds, self.info = _load_data(c, "train", c.batch_size, fraction=c.fraction,
-                                          seed=c.seed)
+                                          seed=c.seed, **({"pair_by_class": True} if paired
+                                                          else {}))
     self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
     self.input_shape = self.info.image_shape
     self.chief = is_chief(self.strategy)
