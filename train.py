@@ -63,11 +63,19 @@ flags.DEFINE_boolean("jit_compile", False, "Compile the per-replica step with XL
                      "oneDNN on CPU).")
 flags.DEFINE_boolean("mixed_precision", False, "mixed_float16 on GPU (loss scaling), "
                      "mixed_bfloat16 on CPU/TPU.")
+flags.DEFINE_integer("log_every_n_steps", None, "Train scalars to TensorBoard and a console line "
+                     "every N steps within an epoch (0: per epoch only; default: 1/20 of an epoch "
+                     "for epochs of 500+ steps, else 0).")
+flags.DEFINE_integer("checkpoint_every_n_steps", 0, "Also checkpoint every N steps within an "
+                     "epoch (0: at the end of each epoch only); a rerun resumes at that step.")
+flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this many minutes have "
+                   "passed since the last checkpoint (0: off; not with multi_worker).")
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "peers", "dataset", "data_dir",
            "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr",
-           "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
-           "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision")
+           "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir",
+           "strategy", "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
+           "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")
 
 
 def main(argv):

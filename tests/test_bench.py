@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from kd_tf2 import distillers  # noqa: E402
 from kd_tf2.bench import speed, table  # noqa: E402
@@ -175,6 +176,10 @@ def test_table_trains_shares_teachers_tabulates_and_resumes(tmp_path):
       assert final == pytest.approx(row["cells"][key]["final"]["mean"], abs=0.006)
       assert best == pytest.approx(row["cells"][key]["best"]["mean"], abs=0.006)
 
+  # results.png: the curves drawn (a real PNG of the figure's size).
+  png = tf.io.decode_png(tf.io.read_file(str(runs / "results.png"))).numpy()
+  assert png.shape[:2] == (540, 840) and png.std() > 0
+
   # A rerun trains nothing: every cell is skipped and no results file is rewritten.
   before = _mtimes(runs)
   lines.clear()
@@ -273,3 +278,28 @@ def test_speed_child_refuses_unknown_method_in_process():
                              warmup=0, num_classes=10, train_size=16)
   result = speed.measure(config, "no_such_method")
   assert result["status"] == "refused" and "no_such_method" in result["message"]
+
+
+def _summary(rows):
+  return {"fractions": [1.0, 0.5, 0.1], "dataset": "folder:/data/cifar10", "arch": "resnet8",
+          "teacher_arch": "resnet32", "epochs": 3,
+          "rows": [{"row": name, "label": name,
+                    "cells": {f"{f:g}": {"final": None if v is None else
+                                         {"mean": v, "std": 0.5, "values": [v]}}
+                              for f, v in zip((1.0, 0.5, 0.1), values)}}
+                   for name, values in rows]}
+
+
+def test_results_png_draws_one_line_per_row(tmp_path):
+  from kd_tf2.bench import plot
+  empty = _summary([("teacher", [None] * 3), ("AT", [None] * 3)])
+  assert plot.plot_fractions(empty, str(tmp_path / "none.png")) is None
+  assert not (tmp_path / "none.png").exists()
+  images = []
+  for at in ([70.0, 65.0, 50.0], [40.0, 30.0, None]):
+    summary = _summary([("teacher", [75.0, 70.0, 55.0]), ("none", [60.0, 55.0, 40.0]),
+                        ("AT", at)])
+    path = str(tmp_path / f"{len(images)}.png")
+    assert plot.plot_fractions(summary, path) == path
+    images.append(tf.io.decode_png(tf.io.read_file(path)).numpy())
+  assert images[0].shape == images[1].shape and not np.array_equal(images[0], images[1])

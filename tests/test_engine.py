@@ -27,7 +27,8 @@ def fixed_data(n, batch, seed=0, classes=10):
       {"image": images, "label": labels, "index": np.arange(n, dtype=np.int64)}).batch(batch)
 
 
-def make_trainer(checkpoint_dir, method="FitNet", epochs=2, sink=None, jit=False, distiller=None):
+def make_trainer(checkpoint_dir, method="FitNet", epochs=2, sink=None, jit=False, distiller=None,
+                 steps=2, **extra):
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   keras.utils.set_random_seed(0)
   with strategy.scope():
@@ -39,10 +40,11 @@ def make_trainer(checkpoint_dir, method="FitNet", epochs=2, sink=None, jit=False
       d = distillers.create(method, student, teacher)
     else:
       d = distiller(student, None).setup(SHAPE)
-  return Trainer(strategy=strategy, student=student, distiller=d, train_data=fixed_data(32, 16),
-                 test_data=fixed_data(16, 16, seed=1), steps_per_epoch=2, global_batch=16,
-                 epochs=epochs, base_lr=0.05, jit_compile=jit, checkpoint_dir=checkpoint_dir,
-                 metrics_sink=sink, verbose=False)
+  return Trainer(strategy=strategy, student=student, distiller=d,
+                 train_data=fixed_data(16 * steps, 16), test_data=fixed_data(16, 16, seed=1),
+                 steps_per_epoch=steps, global_batch=16, epochs=epochs, base_lr=0.05,
+                 jit_compile=jit, checkpoint_dir=checkpoint_dir, metrics_sink=sink, verbose=False,
+                 **extra)
 
 
 def state_of(trainer):
@@ -80,6 +82,47 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, cap
   for x, y in zip(weights_a + slots_a, weights_b + slots_b):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   assert result_b["top1"] == pytest.approx(result_a["top1"])
+
+
+class _RecordingSummaries:
+  def __init__(self):
+    self.calls = []
+
+  def scalars(self, step, values):
+    self.calls.append((step, dict(values)))
+
+
+def test_step_logging_and_mid_epoch_checkpoints(tmp_path, capsys):
+  """--log_every_n_steps writes the window's mean terms against the global step (and a console
+  line with the run's ETA); --checkpoint_every_n_steps saves within the epoch, and a run killed
+  after such a save resumes at that step."""
+  log = _RecordingSummaries()
+  trainer = make_trainer(str(tmp_path / "a"), epochs=2, steps=4, log_every=2,
+                         checkpoint_every_steps=3)
+  trainer.summaries, trainer.verbose = log, True
+  trainer.fit()
+  out = capsys.readouterr().out
+  step_calls = [(step, v) for step, v in log.calls if any("/step/" in k for k in v)]
+  assert [step for step, _ in step_calls] == [2, 6]  # mid-epoch only: epoch end is the epoch line
+  assert {"main/step/ce", "main/step/hint", "main/step/loss",
+          "main/step/images_per_sec"} <= set(step_calls[0][1])
+  assert "epoch 1/2 step 2/4 [main]" in out and "run ETA" in out
+  saved = [int(p.split("-")[-1]) for p in trainer.manager.checkpoints]
+  assert len(saved) == 2  # the last two of: step 3, epoch 1, step 3 of epoch 2, epoch 2
+
+  b = make_trainer(str(tmp_path / "b"), epochs=2, steps=4, checkpoint_every_steps=3)
+  original = b._save
+
+  def save_then_die(done, steps=0):  # the process dies right after the mid-epoch checkpoint
+    original(done, steps)
+    if steps == 3:
+      raise KeyboardInterrupt
+
+  b._save = save_then_die
+  with pytest.raises(KeyboardInterrupt):
+    b.fit()
+  resumed = make_trainer(str(tmp_path / "b"), epochs=2, steps=4, checkpoint_every_steps=3)
+  assert resumed.restore() == (0, 3)
 
 
 class _Exploding(Distiller):
@@ -249,3 +292,18 @@ def test_trainer_and_speed_benchmark_run_the_same_step_function(monkeypatch):
   assert {"ce", "crd", "loss"} <= set(terms) and float(metrics["count"]) == 4
   assert any(not np.array_equal(b, v.numpy())
              for b, v in zip(before, nets_.student.trainable_variables))
+
+
+def test_long_epoch_flags_are_checked_and_default_to_a_twentieth_of_large_epochs():
+  base = cfg.TrainConfig(method="none", arch="resnet8", dataset="synthetic", train_dir="x")
+  for bad, needle in ((dict(log_every_n_steps=-1), "--log_every_n_steps=-1"),
+                      (dict(checkpoint_every_n_steps=1.5), "--checkpoint_every_n_steps=1.5"),
+                      (dict(checkpoint_every_minutes=-2.0), "--checkpoint_every_minutes=-2.0"),
+                      (dict(checkpoint_every_minutes=5.0, strategy="multi_worker"),
+                       "use --checkpoint_every_n_steps")):
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
+      cfg.validate(base.replace(**bad))
+  assert cfg.log_every_n_steps(base, 5004) == 250  # ImageNet at batch 256
+  assert cfg.log_every_n_steps(base, 390) == 0      # CIFAR: the epoch line is enough
+  assert cfg.log_every_n_steps(base.replace(log_every_n_steps=7), 390) == 7
+  assert "log_every_n_steps" not in cfg.settings(cfg.validate(base))  # operational: resumable

@@ -15,6 +15,7 @@ One runs directory holds every training, so ``tensorboard --logdir RUNS`` shows 
                                      (but DML, whose peer trains with the student from scratch)
     RUNS/logs/<cell>.log             console output of each run (subprocess executor)
     RUNS/results.md, results.json    the table, rewritten after every run
+    RUNS/results.png                 top-1 against the fraction, one line per method (plot.py)
 
 A fraction's subset is chosen by the seed (``kd_tf2.data``), so each (fraction, seed) has its own
 teacher, trained on the same images as its students. The teacher ignores the method's weights and
@@ -52,7 +53,7 @@ CONTROLLED = ("method", "fraction", "seed", "train_dir", "teacher_ckpt")
 TEACHER = "teacher"
 STUDENT = "none"
 EXECUTORS = ("subprocess", "inprocess")
-RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
+RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.png"
 # Flags the student trained alone does not take: it is plain cross-entropy.
 _STUDENT_DROPS = ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs")
 
@@ -534,6 +535,10 @@ class Sweep:
     _atomic_write(os.path.join(self.runs_dir, RESULTS_JSON),
                   json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _atomic_write(os.path.join(self.runs_dir, RESULTS_MD), text)
+    from kd_tf2.bench import plot  # pylint: disable=import-outside-toplevel
+    tmp = os.path.join(self.runs_dir, RESULTS_PNG + ".tmp.png")
+    if plot.plot_fractions(summary, tmp):
+      os.replace(tmp, os.path.join(self.runs_dir, RESULTS_PNG))
     return Outcome(summary, text, False)
 
 

@@ -19,7 +19,8 @@ from kd_tf2.errors import UsageError
 # Flags that change the experiment; the others (where data lives, how it is executed) may change
 # between a run and its resumption.
 _OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
-                "cluster_timeout")
+                "cluster_timeout", "log_every_n_steps", "checkpoint_every_n_steps",
+                "checkpoint_every_minutes")
 
 
 @dataclasses.dataclass
@@ -51,6 +52,9 @@ class TrainConfig:
   cluster_timeout: float = DEFAULT_CLUSTER_TIMEOUT
   jit_compile: bool = False
   mixed_precision: bool = False
+  log_every_n_steps: int = None
+  checkpoint_every_n_steps: int = 0
+  checkpoint_every_minutes: float = 0.0
   verbose: bool = True
 
   def replace(self, **changes):
@@ -105,6 +109,14 @@ def validate(config):
     _number("temperature", c.temperature, 0.0, inclusive=False)
   if c.strategy not in STRATEGIES:
     raise UsageError(f"--strategy={c.strategy!r}: accepted: {', '.join(STRATEGIES)}")
+  if c.log_every_n_steps is not None:
+    _int("log_every_n_steps", c.log_every_n_steps, 0)
+  _int("checkpoint_every_n_steps", c.checkpoint_every_n_steps, 0)
+  _number("checkpoint_every_minutes", c.checkpoint_every_minutes, 0.0)
+  if c.checkpoint_every_minutes and c.strategy == "multi_worker":
+    raise UsageError(f"--checkpoint_every_minutes={c.checkpoint_every_minutes} with "
+                     "--strategy=multi_worker: the workers' clocks would save at different steps; "
+                     "use --checkpoint_every_n_steps")
   check_cluster_timeout(c.cluster_timeout)
   if c.strategy == "multi_worker":
     check_multi_worker_replicas(c.cpu_replicas)
@@ -179,6 +191,14 @@ def teacher_source(config):
   if not distillers.get(config.method).pretrained_teacher:
     return "fresh"
   return "checkpoint" if config.teacher_ckpt else "train"
+
+
+def log_every_n_steps(config, steps_per_epoch):
+  """``--log_every_n_steps``, or by default 1/20 of an epoch for epochs of 500 steps and more
+  (ImageNet at batch 256: every 250 steps), else 0 (one log line per epoch)."""
+  if config.log_every_n_steps is not None:
+    return config.log_every_n_steps
+  return steps_per_epoch // 20 if steps_per_epoch >= 500 else 0
 
 
 def base_lr(config):

@@ -38,6 +38,14 @@ class Phase:
     self.optimizer, self.variables, self.step = optimizer, list(variables), step
 
 
+def _clock(seconds):
+  """``h:mm:ss`` of a duration in seconds; ``?`` when unknown."""
+  if seconds is None:
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def make_optimizer(learning_rate, variables, *, momentum=0.9, weight_decay=5e-4, loss_scale=False,
                    name=None):
   """The benchmark's PyTorch-exact SGD (``optim.TorchSGD``), wrapped in a
@@ -142,6 +150,10 @@ class Trainer:
     resume_from: ``(prefix, damaged)`` - the checkpoint to resume from (None: start from epoch
       0) and the newer damaged ones skipped - as ``RunDir.state`` chose it; default: look in
       ``restore_dir`` (``rundir.usable_checkpoint``).
+    log_every: train scalars (``<phase>/step/<term>``, against the global step) and a console
+      line with the ETA every ``log_every`` steps within an epoch; 0 = per epoch only.
+    checkpoint_every_steps, checkpoint_every_minutes: also checkpoint within an epoch, every that
+      many steps / minutes since the last checkpoint (0 = off); a rerun resumes at that step.
     on_start: ``fn(epochs_done)`` called once the starting point is known (0 without a checkpoint),
       e.g. to drop the metrics of epochs logged by a killed process but lost with its checkpoint,
       which are trained again; or None.
@@ -151,7 +163,8 @@ class Trainer:
                global_batch, epochs, base_lr, momentum=0.9, weight_decay=5e-4, jit_compile=False,
                loss_scale=False, checkpoint_dir=None, restore_dir=None, summaries=None,
                metrics_sink=None, verbose=True, extra_checkpointed=(), on_start=None,
-               resume_from=None):
+               resume_from=None, log_every=0, checkpoint_every_steps=0,
+               checkpoint_every_minutes=0.0):
     self.strategy, self.student, self.distiller = strategy, student, distiller
     self.train_data, self.test_data = train_data, test_data
     self.steps_per_epoch, self.global_batch = int(steps_per_epoch), int(global_batch)
@@ -196,6 +209,11 @@ class Trainer:
     self.manager = None
     self.restore_dir = restore_dir or checkpoint_dir
     self.resume_from = resume_from
+    self.log_every = int(log_every)
+    self.checkpoint_every_steps = int(checkpoint_every_steps)
+    self.checkpoint_every_seconds = 60.0 * float(checkpoint_every_minutes)
+    self._last_save = time.time()
+    self._run_start = None  # (time, steps to go when this process started training)
     if checkpoint_dir:
       self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir, max_to_keep=2)
 
@@ -249,6 +267,39 @@ class Trainer:
     self.progress.assign([epochs_done, steps_done])
     if self.manager is not None:
       self.manager.save()
+    self._last_save = time.time()
+
+  def _save_due(self, steps):
+    """A mid-epoch checkpoint is due after ``steps`` steps of the running epoch."""
+    if 0 < steps < self.steps_per_epoch:
+      if self.checkpoint_every_steps and steps % self.checkpoint_every_steps == 0:
+        return True
+      if self.checkpoint_every_seconds:
+        return time.time() - self._last_save >= self.checkpoint_every_seconds
+    return False
+
+  def _eta(self, epoch, steps):
+    """Seconds to the end of the run at the speed of this process so far (None at first)."""
+    to_go = (self.total_epochs - epoch) * self.steps_per_epoch - steps
+    started, to_go_then = self._run_start
+    done = to_go_then - to_go
+    if done <= 0:
+      return None
+    return to_go * (time.time() - started) / done
+
+  def _log_steps(self, phase, epoch, steps, window, seconds):
+    """The mean terms of the last ``window`` steps: TensorBoard and one console line."""
+    n = max(window.pop("_steps"), 1)
+    means = {k: v / n for k, v in window.items()}
+    speed = n * self.global_batch / max(seconds, 1e-9)
+    if self.summaries is not None:
+      values = {f"{phase.name}/step/{k}": v for k, v in means.items()}
+      values[f"{phase.name}/step/images_per_sec"] = speed
+      self.summaries.scalars(epoch * self.steps_per_epoch + steps, values)
+    eta = self._eta(epoch, steps)
+    terms = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+    say(f"epoch {epoch + 1}/{self.total_epochs} step {steps}/{self.steps_per_epoch} "
+        f"[{phase.name}] {terms} | {speed:.0f} img/s | run ETA {_clock(eta)}", self.verbose)
 
   def _train_epoch(self, phase, epoch, local, skip, stop):
     """Train one epoch; returns its stats, or raises TrainingInterrupted/TrainingDiverged."""
@@ -256,7 +307,10 @@ class Trainer:
     sums, correct, count, steps = {}, 0.0, 0.0, skip
     desc = f"epoch {epoch + 1}/{self.total_epochs} {phase.name}"
     bar = Progress(self.steps_per_epoch - skip, desc, enabled=self.verbose)
-    start = time.time()
+    start = window_start = time.time()
+    window = {"_steps": 0}
+    if self._run_start is None:
+      self._run_start = (start, (self.total_epochs - epoch) * self.steps_per_epoch - skip)
     try:
       for batch in self._distributed_train_data(skip):
         if steps >= self.steps_per_epoch:  # equal step counts on every worker
@@ -272,9 +326,16 @@ class Trainer:
             raise TrainingDiverged(f"non-finite loss term {key!r} = {value} at epoch {epoch + 1} "
                                    f"step {steps} ({phase.name}); stopped without saving: {kept}")
           sums[key] = sums.get(key, 0.0) + value
+          window[key] = window.get(key, 0.0) + value
+        window["_steps"] += 1
         correct += float(metrics["correct"])
         count += float(metrics["count"])
         bar.update({"loss": out["loss"], "acc": 100.0 * correct / max(count, 1.0)})
+        if self.log_every and steps % self.log_every == 0 and steps < self.steps_per_epoch:
+          self._log_steps(phase, epoch, steps, window, time.time() - window_start)
+          window, window_start = {"_steps": 0}, time.time()
+        if self._save_due(steps):
+          self._save(epoch, steps)
         if stop.signal is not None:
           self._save(epoch, steps)
           raise TrainingInterrupted(
@@ -344,4 +405,4 @@ class Trainer:
     say(f"epoch {epoch + 1}/{self.total_epochs} [{p}] {terms} | train top1 "
         f"{stats['train/top1']:.2f} | test top1 {test['top1']:.2f} top5 {test['top5']:.2f} "
         f"loss {test['loss']:.4f}{extra} | lr {lr:.4g} | {stats['images_per_sec']:.0f} img/s "
-        f"{stats['epoch_time_s']:.1f}s", self.verbose)
+        f"{stats['epoch_time_s']:.1f}s | run ETA {_clock(self._eta(epoch + 1, 0))}", self.verbose)

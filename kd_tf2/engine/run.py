@@ -230,7 +230,9 @@ class _Job:
         checkpoint_dir=scratch or self.run.checkpoints, restore_dir=self.run.checkpoints,
         summaries=summaries, metrics_sink=self.run.append_metrics if self.chief else None,
         on_start=self.run.trim_metrics if self.chief else None, verbose=c.verbose,
-        resume_from=self.run.newest,
+        resume_from=self.run.newest, log_every=cfg.log_every_n_steps(c, steps),
+        checkpoint_every_steps=c.checkpoint_every_n_steps,
+        checkpoint_every_minutes=c.checkpoint_every_minutes,
         extra_checkpointed=teacher.weights if self.source == "fresh" else ())
 
   def export(self, student, teacher, distiller):

@@ -2,9 +2,11 @@
 
 TensorBoard (one run directory per experiment, ``tensorboard --logdir runs``): a scalar per loss
 term (``<phase>/train/<term>``), ``<phase>/train/loss`` and ``top1``, ``test/top1|top5|loss``,
-``<phase>/lr``, ``<phase>/images_per_sec``, ``<phase>/epoch_time_s``, all against the epoch; the
-flags as a text table and as hparams (HParams dashboard). ``<phase>`` is ``main`` or
-``stage_<name>``. The console gets a progress bar per epoch and one line per epoch.
+``<phase>/lr``, ``<phase>/images_per_sec``, ``<phase>/epoch_time_s``, all against the epoch; with
+``--log_every_n_steps``, ``<phase>/step/<term>`` and ``<phase>/step/images_per_sec`` against the
+global step (epoch x steps per epoch + step); the flags as a text table and as hparams (HParams
+dashboard). ``<phase>`` is ``main`` or ``stage_<name>``. The console gets a progress bar per epoch
+(with the epoch's ETA), one line per epoch and one per logged step window (with the run's ETA).
 """
 import sys
 
@@ -28,7 +30,7 @@ class Summaries:
     self.writer = tf.summary.create_file_writer(logdir) if logdir else None
 
   def scalars(self, step, values):
-    """Write ``{tag: float}`` at integer ``step`` (the epoch)."""
+    """Write ``{tag: float}`` at integer ``step`` (the epoch, or the global step)."""
     if self.writer is None:
       return
     with self.writer.as_default(step=int(step)):
