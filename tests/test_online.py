@@ -317,3 +317,25 @@ def test_cskd_refuses_odd_replica_shares():
   check_execution(c, 1)
   with pytest.raises(UsageError, match=r"--batch_size=6: method CSKD .* multiple of 4"):
     check_execution(c, 2)
+
+
+# ------------------------------------------------------------------------------ BYOT
+def test_byot_terms_are_eq1_to_3_over_its_heads():
+  d = distillers.create("BYOT", net(seed=1), None)
+  assert (d.alpha, d.method_weight, d.temperature) == (0.3, 0.03, 3.0)
+  assert len(d.heads) == 2  # after stages 1 and 2 of a 3-stage resnet
+  b = batch()
+  s = d.student_outputs(b["image"], training=False)
+  terms = d.terms(s, None, b, training=False)
+  y, zc, fc = b["label"].numpy(), s.logits.numpy(), s.embedding.numpy()
+  outs = [(z.numpy(), f.numpy()) for z, f in d.head_outputs(s, False)]
+  assert all(f.shape == fc.shape for _, f in outs)
+  assert float(terms["byot_ce"]) == pytest.approx(0.7 * sum(np_ce(z, y) for z, _ in outs),
+                                                  rel=1e-5)
+  kl = sum(9.0 * np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
+  assert float(terms["byot_kl"]) == pytest.approx(0.3 * kl, rel=1e-4)
+  feat = sum(np.mean(np.sum((f - fc) ** 2, axis=-1)) for _, f in outs)
+  assert float(terms["byot_feat"]) == pytest.approx(0.03 * feat, rel=1e-4)
+  views = d.eval_models()
+  np.testing.assert_allclose(views["head1"](b["image"]).numpy(), outs[0][0], rtol=1e-5,
+                             atol=1e-6)
