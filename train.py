@@ -31,6 +31,9 @@ flags.DEFINE_string("teacher_ckpt", "", "Teacher: a train dir, a .keras file, or
 flags.DEFINE_string("peers", "", "Online methods (DML, KDCL): comma-separated nets trained "
                     "together with the student, e.g. resnet20,wrn_16_2; each exported as "
                     "TRAIN_DIR/peer<i>.keras.")
+flags.DEFINE_string("assistants", "", "Teacher-assistant chain (TAKD): comma-separated nets "
+                    "distilled in turn between the teacher and the student with --method, each in "
+                    "TRAIN_DIR/assistant<k>_<arch>.")
 flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
@@ -71,8 +74,8 @@ flags.DEFINE_integer("checkpoint_every_n_steps", 0, "Also checkpoint every N ste
 flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this many minutes have "
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
-_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "peers", "dataset", "data_dir",
-           "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr",
+_FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "peers", "assistants", "dataset",
+           "data_dir", "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr",
            "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir",
            "strategy", "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
            "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")

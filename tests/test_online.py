@@ -339,3 +339,41 @@ def test_byot_terms_are_eq1_to_3_over_its_heads():
   views = d.eval_models()
   np.testing.assert_allclose(views["head1"](b["image"]).numpy(), outs[0][0], rtol=1e-5,
                              atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ TAKD chains
+def test_takd_chain_links_and_refusals(tmp_path):
+  from kd_tf2.engine import chain
+  c = cfg.validate(cfg.TrainConfig(method="ST", arch="resnet8", teacher_arch="resnet56",
+                                   assistants="Resnet20, resnet14", dataset="synthetic",
+                                   train_dir=str(tmp_path)))
+  assert c.assistants == "resnet20,resnet14"
+  got = [(n, l.teacher_arch, l.arch, l.teacher_ckpt, l.train_dir, l.assistants)
+         for n, l in chain.links(c)]
+  t = str(tmp_path)
+  assert got == [
+      ("assistant1", "resnet56", "resnet20", f"{t}/teacher", f"{t}/assistant1_resnet20", ""),
+      ("assistant2", "resnet20", "resnet14", f"{t}/assistant1_resnet20",
+       f"{t}/assistant2_resnet14", ""),
+      ("student", "resnet14", "resnet8", f"{t}/assistant2_resnet14", f"{t}/student_resnet8", "")]
+  assert cfg.teacher_config(c).assistants == ""
+  with pytest.raises(UsageError, match=r"--assistants=resnet20: method DML does not distil"):
+    cfg.validate(c.replace(method="DML", assistants="resnet20"))
+  with pytest.raises(UsageError, match=r"--assistants: unknown net 'resnet9'"):
+    cfg.validate(c.replace(assistants="resnet9"))
+
+
+@pytest.mark.slow
+def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
+  from kd_tf2 import engine
+  c = cfg.TrainConfig(method="ST", arch="resnet8", teacher_arch="resnet14", assistants="resnet8",
+                      dataset="synthetic", fraction=0.125, epochs=1, batch_size=16,
+                      train_dir=str(tmp_path), verbose=False)
+  first = engine.train(c)
+  assert {"teacher_top1", "assistant1_top1", "top1"} <= set(first)
+  for d in ("teacher", "assistant1_resnet8", "student_resnet8"):
+    assert (tmp_path / d / "student.keras").is_file(), d
+  stamp = (tmp_path / "student_resnet8" / "student.keras").stat().st_mtime_ns
+  again = engine.train(c)
+  assert again["top1"] == first["top1"]
+  assert (tmp_path / "student_resnet8" / "student.keras").stat().st_mtime_ns == stamp

@@ -31,6 +31,7 @@ class TrainConfig:
   teacher_arch: str = "resnet32x4"
   teacher_ckpt: str = ""
   peers: str = ""
+  assistants: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -83,6 +84,7 @@ def validate(config):
   method = distillers.canonical_name(c.method)
   arch = _net_name("arch", c.arch)
   peers = _peers(c.peers, method)
+  assistants = _assistants(c.assistants, method)
   teacher_arch = _net_name("teacher_arch", c.teacher_arch)
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
@@ -130,12 +132,24 @@ def validate(config):
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch} peer from scratch together with the student; drop the flag")
-  c = c.replace(peers=peers)
+  c = c.replace(peers=peers, assistants=assistants)
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs,
                    dataset=c.dataset.strip(),
                    teacher_ckpt=os.path.abspath(c.teacher_ckpt) if c.teacher_ckpt else "",
                    train_dir=c.train_dir or default_train_dir(c, method, arch, teacher_arch))
+
+
+def _assistants(value, method):
+  """``--assistants``: comma list of nets between teacher and student (TAKD chains)."""
+  if not isinstance(value, str):
+    raise UsageError(f"--assistants={value!r}: must be a comma-separated list of nets")
+  names = [_net_name("assistants", n) for n in value.split(",") if n.strip()]
+  cls = distillers.get(method)
+  if names and not (cls.pretrained_teacher and cls.reads_teacher()):
+    raise UsageError(f"--assistants={value}: method {method} does not distil from a trained "
+                     "teacher; chains need an offline method (e.g. ST, AT, DKD)")
+  return ",".join(names)
 
 
 def _peers(value, method):
@@ -226,7 +240,7 @@ def settings(config):
 # What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
 # training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
 # The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
-TEACHER_RESETS = ("teacher_ckpt", "peers", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
+TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
                   "method_weight", "temperature")
 
 

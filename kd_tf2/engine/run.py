@@ -260,6 +260,9 @@ def train(config, flags=None):
   last-epoch ``top1``/``top5``/``loss``/``n`` on the evaluation split, ``best_top1`` and
   ``best_epoch``, ``images_per_sec``, ``teacher_top1``, paths of the exports.
   """
+  if config.assistants:  # teacher -> assistants -> student, one run per link
+    from kd_tf2.engine import chain  # pylint: disable=import-outside-toplevel
+    return chain.train_chain(config, train, flags)
   job = _Job(config)
   if job.state == DONE:
     results = job.run.results()
