@@ -75,8 +75,8 @@ flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this m
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "peers", "assistants", "dataset",
-           "data_dir", "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size", "lr",
-           "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir",
+           "data_dir", "fraction", "seed", "epochs", "teacher_epochs", "init_epochs", "batch_size",
+           "lr", "weight_decay", "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir",
            "strategy", "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
            "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")
 

@@ -1,10 +1,10 @@
-"""BYOT - be your own teacher: the deepest classifier teaches classifiers attached to shallow stages.
+"""BYOT - be your own teacher: the deepest classifier teaches heads attached to shallow stages.
 
 Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
 Neural Networks via Self Distillation", ICCV 2019, arXiv:1905.08094. After every stage but the last
 an auxiliary head: a bottleneck (conv3x3/2 + BN + ReLU, repeated until the map has the last stage's
-resolution; the last conv gives the embedding's width) + global average pooling + an FC classifier
-(``kd_tf2.losses`` terms below). The net's own classifier is the deepest, teacher head. Loss (eq. 1-3)
+resolution; the last conv gives the embedding's width) + global average pooling + an FC
+classifier. The net's own classifier is the deepest, teacher head. Loss (eq. 1-3)
 over the shallow heads i:
 
     L = CE(q_C, y) + sum_i [ (1 - alpha) CE(q_i, y) + alpha T^2 KL(q_C^T || q_i^T)

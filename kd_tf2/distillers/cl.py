@@ -1,4 +1,4 @@
-"""CL - collaborative learning: several classifier heads over shared layers, each taught by the others.
+"""CL - collaborative learning: classifier heads over shared layers, each taught by the others.
 
 Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018, arXiv:1805.11761.
 The heads are the branches of ``nets.branched`` (the student's last stage + classifier duplicated;

@@ -21,8 +21,8 @@ checkpointed with the run and exported beside the student (``extra_exports()``).
 
 Cohorts (the paper's eq. 10, K >= 2 nets): with ``peers`` (``--peers=arch1,arch2``) the teacher
 slot stays empty and every net k gets CE + w * (1/(K-1)) sum_{l != k} KL(p_l || p_k)
-(``kd_tf2.losses.cohort_kl``); with one peer this is the two-net loss above. The peers are sub-layers
-of the distiller (checkpointed with it), exported as ``peer<i>.keras``.
+(``kd_tf2.losses.cohort_kl``); with one peer this is the two-net loss above. The peers are
+sub-layers of the distiller (checkpointed with it), exported as ``peer<i>.keras``.
 
 Per replica: each replica computes both losses on its own batch; nothing is batch-relational.
 """

@@ -6,9 +6,9 @@ teacher into the first assistant, that one into the next, ..., the last into ``-
 with ``--method`` (any offline method; ST by default) and the run's other settings.
 
 Layout: the teacher in ``TRAIN_DIR/teacher`` (unless ``--teacher_ckpt``), assistant k in
-``TRAIN_DIR/assistant<k>_<arch>``, the student in ``TRAIN_DIR/student_<arch>``. Each link is an ordinary
-run (``engine.train``) whose teacher is the previous link's train dir: a rerun of the command
-reuses finished links and resumes the unfinished one from its checkpoint.
+``TRAIN_DIR/assistant<k>_<arch>``, the student in ``TRAIN_DIR/student_<arch>``. Each link is an
+ordinary run (``engine.train``) whose teacher is the previous link's train dir: a rerun of the
+command reuses finished links and resumes the unfinished one from its checkpoint.
 """
 import os
 

@@ -240,8 +240,8 @@ def settings(config):
 # What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
 # training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
 # The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
-TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
-                  "method_weight", "temperature")
+TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "teacher_epochs", "init_epochs", "lr",
+                  "ce_weight", "kd_weight", "method_weight", "temperature")
 
 
 def teacher_config(config, train_dir=None):
