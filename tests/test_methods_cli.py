@@ -30,7 +30,8 @@ def teacher_dir(tmp_path_factory):
 def test_all_catalog_keys_are_registered():
   keys = {"none", "ST", "Logits", "AT", "FitNet", "NST", "PKT", "FSP", "FT", "RKD", "AB", "SP",
           "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML", "KD_SVD", "MHGD",
-          "DKD", "DIST", "ReviewKD", "ONE", "CL", "KDCL", "BYOT", "CSKD"}
+          "DKD", "DIST", "ReviewKD", "ONE", "CL", "KDCL", "BYOT", "CSKD",
+          "OKDDip"}
   assert set(distillers.available()) == keys
   for alias, key in (("kd", "ST"), ("soft_logits", "ST"), ("co", "OFD"), ("rEvIeWkD", "ReviewKD"),
                      ("cs-kd", "CSKD")):

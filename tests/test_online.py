@@ -377,3 +377,30 @@ def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
   again = engine.train(c)
   assert again["top1"] == first["top1"]
   assert (tmp_path / "student_resnet8" / "student.keras").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------ OKDDip
+def test_okddip_terms_follow_the_paper_on_its_branches():
+  d = distillers.create("OKDDip", net(seed=1), None)
+  assert d.num_branches == 4 and d.temperature == 3.0
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  outs = d.branch_outputs(d.shared(b["image"], False), False)
+  z = [o.logits.numpy() for o in outs]
+  e = np.stack([o.embedding.numpy() for o in outs[1:]], axis=1)  # [B, 3, d]
+  wq, bq = (v.numpy() for v in d.query.weights)
+  wk, bk = (v.numpy() for v in d.key.weights)
+  q, k = e @ wq + bq, e @ wk + bk
+  energy = np.einsum("bid,bjd->bij", q, k)
+  a = np.exp(energy - energy.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  peers = np.stack(z[1:], axis=1)
+  targets = np.einsum("bij,bjk->bik", a, peers)
+  first = sum(9.0 * np_kl(np_soft(targets[:, i], 3.0), np_log_softmax(z[i + 1] / 3.0))
+              for i in range(3))
+  assert float(terms["okd_peer"]) == pytest.approx(first, rel=1e-4)
+  mean = np.mean(z[1:], axis=0)
+  second = 9.0 * np_kl(np_soft(mean, 3.0), np_log_softmax(z[0] / 3.0))
+  assert float(terms["okd_leader"]) == pytest.approx(second, rel=1e-4)
+  y = b["label"].numpy()
+  assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)

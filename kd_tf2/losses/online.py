@@ -8,7 +8,7 @@ import tensorflow as tf
 from kd_tf2.losses.logits import _f32, _kl_batchmean, soft_target
 
 __all__ = ["cohort_kl", "gate_ensemble", "one_loss", "collaborative_kl", "scale_gradient",
-           "kdcl_min_logit", "kdcl_naive", "cs_kd"]
+           "kdcl_min_logit", "kdcl_naive", "cs_kd", "attention_targets", "okddip_peer_kl"]
 
 
 def cohort_kl(logits, k):
@@ -90,3 +90,21 @@ def cs_kd(anchor_logits, partner_logits, temperature=4.0):
   T^2 * KL(softmax(z_partner / T) || softmax(z_anchor / T)), the partner (another sample of the
   same class) detached, T = 4. anchor_logits, partner_logits: [B/2, C]."""
   return soft_target(anchor_logits, partner_logits, temperature)
+
+
+def attention_targets(logits, queries, keys):
+  """OKDDip's peer targets: Chen et al., AAAI 2020, arXiv:1912.00350, sec. 3.2:
+  a_ij = softmax_j(q_i . k_j), t_i = sum_j a_ij z_j. logits [B, m, K] (detached here),
+  queries, keys [B, m, d]. Returns [B, m, K]; the attention keeps its gradient."""
+  energy = tf.matmul(_f32(queries), _f32(keys), transpose_b=True)  # [B, m, m]
+  return tf.matmul(tf.nn.softmax(energy, axis=-1), tf.stop_gradient(_f32(logits)))
+
+
+def okddip_peer_kl(targets, logits, temperature=3.0):
+  """OKDDip first-level term: T^2 sum_i KL(softmax(t_i/T) || softmax(z_i/T)), batch mean;
+  targets, logits [B, m, K]; the targets keep their gradient (the attention learns from it)."""
+  temp = _f32(temperature)
+  log_p = tf.nn.log_softmax(_f32(targets) / temp, axis=-1)
+  log_q = tf.nn.log_softmax(_f32(logits) / temp, axis=-1)
+  per_row = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=[1, 2])
+  return temp * temp * tf.reduce_mean(per_row)
