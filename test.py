@@ -16,6 +16,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from kd_tf2 import cli  # noqa: E402
+from kd_tf2.errors import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "A train dir or a .keras file.")
@@ -39,13 +40,13 @@ def evaluate():
   """(model, dataset, result) of the flags; raises on bad input."""
   from kd_tf2 import engine  # pylint: disable=import-outside-toplevel
   if not FLAGS.model:
-    raise ValueError("--model is required: a train dir or a .keras file")
+    raise UsageError("--model is required: a train dir or a .keras file")
   if FLAGS.batch_size < 1:
-    raise ValueError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
+    raise UsageError(f"--batch_size={FLAGS.batch_size}: must be an integer >= 1")
   model = engine.load_model(FLAGS.model)
   dataset = FLAGS.dataset or (os.path.isdir(FLAGS.model) and trained_dataset(FLAGS.model))
   if not dataset:
-    raise ValueError("--dataset is required (the model is not a train dir that records it)")
+    raise UsageError("--dataset is required (the model is not a train dir that records it)")
   result = engine.evaluate(model, dataset, FLAGS.split, data_dir=FLAGS.data_dir,
                            batch_size=FLAGS.batch_size)
   return model, dataset, result

@@ -64,16 +64,25 @@ class StagedNet(ZooNet):
   """stem → stages of blocks → head → classifier: the ResNets and ShuffleNets (NETS.md §2).
 
   Subclasses create ``conv1``/``bn1`` (the stem), ``stages`` (a list of lists of blocks, each
-  ``block(x, training) -> (out, pre)`` with a ``torch_layers()`` table, registered as
-  ``layer{s}.{i}``) and ``classifier``; they override ``stem``/``head``/``head_layers`` where they
-  differ. Features: the stem output, then each stage's output; preacts: the stem's preact, then
-  each stage's last ``pre``; embedding: ``head`` of the last map (global average by default).
+  ``block(x, training) -> (out, pre)`` with a ``torch_layers()`` table and *named by its state_dict
+  path*, e.g. ``layer2.0``) and ``classifier`` (named by its path too); they override ``stem``,
+  ``stem_layers``, ``stem_pool``, ``head``, ``head_layers`` where they differ.
+  Features: the stem output, then each stage's output; preacts: the stem's preact, then each stage's
+  last ``pre``; embedding: ``head`` of the last map (global average by default).
   """
 
   def stem(self, x, training):
     """-> (feature, preact) of the stem: ReLU(bn1(conv1(x))) twice by default."""
     x = relu(self.bn1(self.conv1(x), training=training))
     return x, x
+
+  def stem_pool(self, x):
+    """What the first stage reads, from the stem feature (identity; a max pool on ImageNet)."""
+    return x
+
+  def stem_layers(self):
+    yield "conv1", self.conv1
+    yield "bn1", self.bn1
 
   def head(self, x, training):
     del training
@@ -86,6 +95,7 @@ class StagedNet(ZooNet):
   def forward(self, x, training):
     x, pre = self.stem(x, training)
     feats, preacts = [x], [pre]
+    x = self.stem_pool(x)
     for blocks in self.stages:
       for block in blocks:
         x, pre = block(x, training=training)
@@ -94,11 +104,10 @@ class StagedNet(ZooNet):
     return feats, preacts, self.head(x, training)
 
   def torch_layers(self):
-    yield "conv1", self.conv1
-    yield "bn1", self.bn1
-    for s, blocks in enumerate(self.stages, start=1):
-      for i, block in enumerate(blocks):
-        yield from prefixed(f"layer{s}.{i}", block.torch_layers())
+    yield from self.stem_layers()
+    for blocks in self.stages:
+      for block in blocks:
+        yield from prefixed(block.name, block.torch_layers())
     yield from self.head_layers()
     yield self.classifier.name, self.classifier
 

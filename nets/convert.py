@@ -1,9 +1,10 @@
-"""Turn a RepDistiller PyTorch state dict into a Keras ``.keras`` file (NETS.md §4).
+"""Turn a RepDistiller or torchvision PyTorch state dict into a Keras ``.keras`` file (NETS.md §4).
 
   python -m nets.convert IN.(pth|pt|npz) OUT.keras --arch NAME [--num_classes N] [--trust_pickle]
 
 ``num_classes`` defaults to the row count of the state dict's classifier weight. A ``.pth`` needs
-torch installed; an ``.npz`` holds the state dict's arrays under their PyTorch keys.
+torch installed; an ``.npz`` holds the state dict's arrays under their PyTorch keys. torchvision's
+ResNet files (e.g. ``resnet34-b627a593.pth``) load into ``resnet{18,34,50}_imagenet``.
 """
 import argparse
 import os
@@ -47,7 +48,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m nets.convert", description=__doc__.split("\n")[0])
   parser.add_argument("input", help="state dict: .pth/.pt (needs torch) or .npz")
   parser.add_argument("output", help="Keras model file, .keras")
-  parser.add_argument("--arch", required=True, help="zoo name, e.g. resnet32x4, wrn_40_2, vgg13")
+  parser.add_argument("--arch", required=True, help="zoo name, e.g. resnet32x4, wrn_40_2, vgg13, resnet34_imagenet")
   parser.add_argument("--num_classes", type=int, default=None,
                       help="default: inferred from the classifier weight")
   parser.add_argument("--trust_pickle", action="store_true",

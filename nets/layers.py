@@ -6,21 +6,75 @@ disagree for stride 2 on even maps (the sampling grid shifts by one pixel). The 
 PyTorch's ``pad`` argument and pad symmetrically whenever ``'same'`` would differ.
 
 Initialisers follow the reference's schemes (NETS.md §1.5); BatchNormalization uses PyTorch's
-epsilon 1e-5 and momentum 0.1 (Keras momentum 0.9).
+epsilon 1e-5 and momentum 0.1 (Keras momentum 0.9) and PyTorch's moving-variance update.
 """
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
+@keras.saving.register_keras_serializable(package="nets")
+class BatchNorm(keras.layers.BatchNormalization):
+  """``torch.nn.BatchNorm2d`` in training mode: normalise with the batch mean and the *biased* batch
+  variance, but move ``moving_variance`` towards the *unbiased* one, var · n/(n-1), n = the number
+  of values per channel in the batch (B·H·W; summed over replicas when ``synchronized``). Keras'
+  own layer moves it towards the biased variance (NETS.md §1.3). Inference is Keras' own path.
+
+  ``synchronized=True`` sums [Σx, n] and then Σ(x - mean)² over replicas: two all-reduces (Keras
+  uses three, for Σx, Σx² and n, and the less accurate E[x²] - E[x]²).
+  Shapes: [..., C] -> [..., C]; statistics over every axis but the last.
+  """
+
+  def __init__(self, axis=-1, **kwargs):
+    if axis != -1 or kwargs.get("renorm"):
+      raise ValueError(f"BatchNorm normalises the last axis without renorm; got axis={axis!r}")
+    super().__init__(axis=axis, **kwargs)
+
+  def call(self, inputs, training=None, mask=None):
+    if not (training and self.trainable) or mask is not None:
+      return super().call(inputs, training=training, mask=mask)
+    x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+    mean, variance, count = self._batch_moments(x)
+    keep = self.momentum
+    self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))
+    unbiased = variance * (count / ops.maximum(count - 1.0, 1.0))
+    self.moving_variance.assign(self.moving_variance * keep + unbiased * (1.0 - keep))
+    gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
+    beta = ops.cast(self.beta, x.dtype) if self.center else None
+    out = ops.batch_normalization(x, mean, variance, axis=-1, offset=beta, scale=gamma,
+                                  epsilon=self.epsilon)
+    return ops.cast(out, self.compute_dtype)
+
+  def _batch_moments(self, x):
+    """(mean [C], biased variance [C], n scalar) over all axes but the last."""
+    axes = self._reduction_axes
+    replica = tf.distribute.get_replica_context() if self.synchronized else None
+    if replica is None or replica.num_replicas_in_sync == 1:
+      mean, variance = tf.nn.moments(x, axes)
+      count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+      return mean, variance, count
+    # Two passes, as tf.nn.moments: [Σx, n], then Σ(x - mean)² (E[x²] - E[x]² loses digits
+    # when |mean| >> std).
+    c = x.shape[-1]
+    local = tf.concat([tf.reduce_sum(x, axes),
+                       tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)[None]], axis=0)
+    total = replica.all_reduce(tf.distribute.ReduceOp.SUM, local)
+    count = total[c]
+    mean = tf.math.divide_no_nan(total[:c], count)
+    squares = replica.all_reduce(tf.distribute.ReduceOp.SUM,
+                                 tf.reduce_sum(tf.square(x - mean), axes))
+    return mean, tf.math.divide_no_nan(squares, count), count
+
+
 def batch_norm(name, synchronized=False):
-  """BatchNormalization over the channel axis with PyTorch's statistics (eps 1e-5, momentum 0.1)."""
-  return keras.layers.BatchNormalization(
-      axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized, name=name)
+  """``BatchNorm`` over the channel axis with PyTorch's statistics (eps 1e-5, momentum 0.1)."""
+  return BatchNorm(axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized,
+                   name=name)
 
 
 # --- initialisers (NETS.md §1.5) -------------------------------------------------------------------

@@ -65,6 +65,11 @@ class ResNetV2(StagedNet):
   """CIFAR-stem ResNet with four stages of ``num_blocks`` blocks, planes 64/128/256/512, strides
   1/2/2/2. Conv init He-normal fan_out; classifier PyTorch default (NETS.md §1.5)."""
 
+  projection_name, classifier_name = "shortcut", "linear"  # state_dict module names
+
+  def stem_conv(self):
+    return L.conv3x3(64, name="conv1", kernel_initializer=L.he_normal_fan_out())
+
   def __init__(self, block, num_blocks, num_classes=100, **kwargs):
     super().__init__(num_classes=num_classes, **kwargs)
     if block not in _BLOCKS:
@@ -72,12 +77,12 @@ class ResNetV2(StagedNet):
     if len(num_blocks) != 4 or min(num_blocks) < 1:
       raise ValueError(f"num_blocks must be four positive counts, got {num_blocks!r}")
     self.block, self.num_blocks = block, tuple(int(n) for n in num_blocks)
-    self.conv1 = L.conv3x3(64, name="conv1", kernel_initializer=L.he_normal_fan_out())
+    self.conv1 = self.stem_conv()
     self.bn1 = L.batch_norm("bn1", self.synchronized_bn)
     specs = list(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks))
-    self.stages, out_ch = make_stages(64, specs, resnet_block(block, "shortcut",
+    self.stages, out_ch = make_stages(64, specs, resnet_block(block, self.projection_name,
                                                               self.synchronized_bn))
-    self.classifier = L.dense(self.num_classes, out_ch, "torch", name="linear")
+    self.classifier = L.dense(self.num_classes, out_ch, "torch", name=self.classifier_name)
 
   def arch_config(self):
     return {"block": self.block, "num_blocks": list(self.num_blocks)}

@@ -72,7 +72,7 @@ def clean_state(state):
 
 
 def load_reference_weights(model, state):
-  """Assign a reference (RepDistiller) state_dict to a zoo net, in place; returns the model.
+  """Assign a reference (RepDistiller, torchvision) state_dict to a zoo net, in place; returns it.
 
   state: mapping from PyTorch state_dict keys to arrays (numpy or torch tensors). ``module.``
   prefixes and ``num_batches_tracked`` entries are ignored. Every other key must be consumed exactly

@@ -31,3 +31,7 @@ def pytest_report_header(config):
   if not all(_inside_replicas(a) for a in (config.args or [os.getcwd()])):
     return "tests/replicas (2 logical CPUs) runs in its own process: python -m pytest tests/replicas"
   return None
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a test of a minute or more (CI runs it too)")

@@ -42,7 +42,7 @@ def _net(seed):
 def _distiller(method, student, teacher):
   cls = distillers.get(method)
   hparams = distillers.engine_kwargs(cls, train_labels=lambda: np.arange(SPLIT) % CLASSES,
-                                     jit_compiled=lambda: False)
+                                     jit_compiled=lambda: False, protocol=lambda: "cifar")
   if cls.init_epochs is not None:
     hparams["init_epochs"] = 1  # every stage runs
   if getattr(cls, "min_peers", 0):

@@ -235,6 +235,47 @@ def test_ofd_locator_finds_the_bn_that_shifts_each_preact(arch, nets_, batch):
       np.testing.assert_array_equal(_np(after[j]), _np(before[j]))
 
 
+def test_ofd_pairs_the_last_stages_with_their_margins(nets_):
+  """resnet8 (3 stages) against vgg8 (4): mdistiller ``_align_list`` pairs the last 3 of each."""
+  student, teachers = nets_
+  d = distillers.create("OFD", student, teachers["vgg8"])
+  t_pre = teachers["vgg8"](tf.zeros([2, 32, 32, 3]), training=False, features=True).preacts[1:]
+  assert [c.out_channels for c in d.connectors] == [int(p.shape[-1]) for p in t_pre[1:]]
+  every = ofd_module.teacher_margins(teachers["vgg8"], [int(p.shape[-1]) for p in t_pre])
+  assert len(d._margins) == 3  # pylint: disable=protected-access
+  for got, want in zip(d._margins, every[1:]):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ofd_teacher_bn_uses_batch_statistics_and_keeps_the_teacher(nets_, batch):
+  """Default ``teacher_bn="batch"`` (mdistiller's train-mode teacher): the stem map is
+  ReLU(BN over this batch's statistics); the teacher's moving statistics stay as loaded.
+  ``teacher_bn="moving"`` is the inference-mode teacher."""
+  student, teachers = nets_
+  teacher = teachers["resnet14"]
+  d = distillers.create("OFD", student, teacher)
+  assert d.hparams()["teacher_bn"] == "batch"
+  moving = {v.path: v.numpy().copy() for v in teacher.non_trainable_variables}
+  images = batch[0]
+  t = d.teacher_outputs(images)
+  for v in teacher.non_trainable_variables:
+    np.testing.assert_array_equal(v.numpy(), moving[v.path])
+  bn = ofd_module.teacher_preact_batchnorms(teacher)[0]
+  assert bn.trainable is False and bn.momentum == 0.9  # restored after the call
+  # the stem: conv1 -> bn1 -> ReLU with batch statistics
+  layers = dict(teacher.torch_layers())
+  conv = _np(layers["conv1"](images))
+  mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
+  g, b = _np(layers["bn1"].gamma), _np(layers["bn1"].beta)
+  stem = np.maximum((conv - mean) / np.sqrt(var + 1e-5) * g + b, 0.0)
+  np.testing.assert_allclose(_np(t.features[0]), stem, rtol=1e-4, atol=1e-4)
+  moving_bn = distillers.create("OFD", student, teacher, teacher_bn="moving")
+  inference = moving_bn.teacher_outputs(images)
+  assert np.abs(_np(inference.features[0]) - stem).max() > 1e-2
+  with pytest.raises(UsageError, match=r"OFD teacher_bn='train': accepted batch, moving"):
+    distillers.create("OFD", student, teacher, teacher_bn="train")
+
+
 def test_ofd_refuses_a_teacher_without_known_batchnorms(nets_):
   stranger = keras.Sequential([keras.layers.Dense(3)], name="stranger")
   with pytest.raises(UsageError, match="OFD cannot locate .*stranger"):

@@ -367,6 +367,25 @@ def test_crd_sampler_draws_uniformly_from_other_training_classes():
     np.testing.assert_allclose(freq, 1.0 / allowed.size, atol=0.01)
 
 
+def test_crd_negatives_are_drawn_without_replacement_like_repdistiller():
+  """RepDistiller's loader: np.random.choice(other-class indices, K, replace=K > count)."""
+  from kd_tf2.distillers.crd import NegativeSampler
+  tf.random.set_seed(0)
+  train_labels = np.repeat(np.arange(4), 25)          # 75 other-class samples per class
+  sampler = NegativeSampler(train_labels)
+  labels = np.array([0, 1, 2, 3] * 150)
+  draws = sampler(tf.constant(labels), 60).numpy()    # K = 60 <= 75: no duplicates in a row
+  assert draws.shape == (600, 60)
+  assert all(len(set(row)) == 60 for row in draws)
+  assert not np.any(train_labels[draws] == labels[:, None])
+  freq = np.bincount(draws[labels == 0].ravel(), minlength=100)[25:] / (150 * 60)
+  np.testing.assert_allclose(freq, 1.0 / 75, atol=0.005)  # uniform (4 sigma) over 75 candidates
+  many = sampler(tf.constant(labels[:8]), 90).numpy()     # K = 90 > 75: with replacement
+  assert many.shape == (8, 90) and not np.any(train_labels[many] == labels[:8, None])
+  old = sampler.with_replacement(tf.constant(labels), 60).numpy()
+  assert any(len(set(row)) < 60 for row in old)           # the replacement=True draw repeats
+
+
 def test_crd_matches_reference_on_a_deterministic_two_sample_split(pair):
   student, teacher = pair
   d = distillers.create("CRD", student, teacher, train_labels=np.array([0, 1]), n_data=2)

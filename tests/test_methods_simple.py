@@ -8,6 +8,7 @@ teacher, one optimiser step inside ``tf.function``; plus the pairs and values ea
 and DKD's warm-up. Tiny pair: resnet8 student, resnet14 teacher (same stage widths), batch 8.
 """
 import math
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ from kd_tf2 import losses as L
 from kd_tf2.errors import UsageError
 
 METHODS = ["Logits", "NST", "PKT", "RKD", "SP", "CC", "IRG", "DKD", "DIST", "KD_SVD"]
+# CC is exercised here in its parameter-free Zoo form; its default RepDistiller form (trainable
+# embeds) is tested in test_cc_repdistiller_form and in tests/parity.
+FORM = {"CC": {"form": "zoo"}}
 NUM_CLASSES, BATCH = 10, 8
 
 # METHODS.md §3 (§2.15 / §2.16 for DKD, DIST): ce_weight, kd_weight, method_weight, temperature.
@@ -31,7 +35,7 @@ DEFAULTS = {
     "CC": (1.0, 0.0, 100.0, 4.0),
     "IRG": (1.0, 0.0, 1.0, 4.0),
     "DKD": (1.0, 0.0, 1.0, 4.0),
-    "DIST": (1.0, 0.0, 1.0, 1.0),
+    "DIST": (1.0, 0.0, 2.0, 4.0),   # the "cifar" protocol (DIST_KD dist_cifar.yaml)
     "KD_SVD": (1.0, 0.0, 1.0, 4.0),
 }
 
@@ -131,7 +135,7 @@ def expected_terms(method, s, t, labels):
   if method == "DKD":  # engine epoch 0 = mdistiller's epoch 1: warm-up factor 1/20
     return {"dkd": float(L.dkd(s.logits, t.logits, labels, 1.0, 8.0, 4.0)) / 20.0}
   if method == "DIST":
-    return {"dist": float(L.dist(s.logits, t.logits, 1.0, 1.0, 1.0))}
+    return {"dist": 2.0 * float(L.dist(s.logits, t.logits, 1.0, 1.0, 4.0))}
   if method == "KD_SVD":
     return {"kd_svd": float(L.kd_svd(s.features[1:4], t.features[1:4], k=1))}
   raise AssertionError(method)
@@ -152,7 +156,10 @@ def test_method_specific_defaults(pair):
     return distillers.get(method)(*pair).hparams()
 
   assert (hparams("RKD")["distance_weight"], hparams("RKD")["angle_weight"]) == (25.0, 50.0)
-  assert (hparams("CC")["gamma"], hparams("CC")["order"]) == (0.4, 2)
+  assert (hparams("CC")["form"], hparams("CC")["feat_dim"]) == ("repdistiller", 128)
+  zoo_cc = distillers.get("CC")(*pair, form="zoo")
+  assert (zoo_cc.hparams()["gamma"], zoo_cc.hparams()["order"]) == (0.4, 2)
+  assert (distillers.get("CC")(*pair).method_weight, zoo_cc.method_weight) == (0.02, 100.0)
   assert (hparams("DKD")["alpha"], hparams("DKD")["beta"], hparams("DKD")["warmup"]) == (1, 8, 20)
   assert (hparams("DIST")["beta"], hparams("DIST")["gamma"]) == (1.0, 1.0)
   irg = hparams("IRG")
@@ -165,7 +172,7 @@ def test_method_specific_defaults(pair):
 def test_defaults_and_terms_follow_the_catalog(method, pair, outputs, batch):
   s, t = outputs
   images, labels = batch
-  d = distillers.create(method, *pair)
+  d = distillers.create(method, *pair, **FORM.get(method, {}))
   assert (d.ce_weight, d.kd_weight, d.method_weight, d.temperature) == DEFAULTS[method]
   assert d.init_epochs is None and d.stages() == []
   assert d.trainable_variables == []  # no learnable connector in any of these methods
@@ -182,11 +189,15 @@ def test_defaults_and_terms_follow_the_catalog(method, pair, outputs, batch):
 def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
   student, teacher = twins
   images, labels = batch
-  d = distillers.create(method, student, teacher)
+  # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
+  # (nearly uniform columns; more at the CIFAR protocol's T = 4, hence T = 1 here); every other
+  # term vanishes to float32 rounding.
+  hparams = dict(FORM.get(method, {}))
+  if method == "DIST":
+    hparams["protocol"] = "imagenet"
+  d = distillers.create(method, student, teacher, **hparams)
   s = d.student_outputs(images, training=False)
   terms = d.terms(s, d.teacher_outputs(images), {"label": labels, "image": images}, training=False)
-  # DIST adds 1e-8 to the product of norms, so even equal probabilities leave 1 - rho ~ 1e-4
-  # (nearly uniform columns); every other term vanishes to float32 rounding.
   tolerance = 1e-3 if method == "DIST" else 1e-4
   for key, value in terms.items():
     assert abs(float(value)) < tolerance, (key, float(value))
@@ -198,7 +209,7 @@ def test_a_copy_of_the_teacher_has_zero_method_loss(method, twins, batch):
 def test_gradients_reach_the_student_and_never_the_teacher(method, pair, batch):
   student, teacher = pair
   images, labels = batch
-  d = distillers.create(method, student, teacher)
+  d = distillers.create(method, student, teacher, **FORM.get(method, {}))
   assert teacher.trainable_variables == []
   with tf.GradientTape(persistent=True) as tape:
     s = d.student_outputs(images, training=True)
@@ -244,14 +255,57 @@ def test_rkd_logs_both_terms_and_drops_a_zero_weight(pair, outputs, batch):
 def test_hyper_parameters_reach_the_loss(pair, outputs, batch):
   s, t = outputs
   images, labels = batch
-  cc = distillers.create("CC", *pair, gamma=0.8, order=3).terms(s, t, {"label": labels, "image": images})["cc"]
+  cc = distillers.create("CC", *pair, form="zoo", gamma=0.8,
+                        order=3).terms(s, t, {"label": labels, "image": images})["cc"]
   np.testing.assert_allclose(float(cc), 100.0 * np_cc(s.embedding, t.embedding, 0.8, 3), rtol=2e-4)
   dist = distillers.create("DIST", *pair, beta=2.0, gamma=0.5, temperature=4.0)
   np.testing.assert_allclose(float(dist.terms(s, t, {"label": labels, "image": images})["dist"]),
-                             float(L.dist(s.logits, t.logits, 2.0, 0.5, 4.0)), rtol=1e-5)
+                             2.0 * float(L.dist(s.logits, t.logits, 2.0, 0.5, 4.0)), rtol=1e-5)
   pkt = distillers.create("PKT", *pair, eps=1e-6).terms(s, t, {"label": labels, "image": images})["pkt"]
   np.testing.assert_allclose(float(pkt), 30000.0 * float(L.pkt(s.embedding, t.embedding, 1e-6)),
                              rtol=1e-6)
+
+
+def test_dist_defaults_follow_the_protocol(pair):
+  """DIST_KD configs: CIFAR T 4 (kd dist_t4), ImageNet T 1; beta = gamma = 1 weighted by 2."""
+  cls = distillers.get("DIST")
+  assert cls.defaults_for("cifar") == dict(temperature=4.0, beta=1.0, gamma=1.0, method_weight=2.0)
+  assert cls.defaults_for("imagenet") == dict(temperature=1.0, beta=1.0, gamma=1.0,
+                                              method_weight=2.0)
+  imagenet = cls(*pair, protocol="imagenet")
+  assert (imagenet.temperature, imagenet.method_weight) == (1.0, 2.0)
+  assert cls(*pair).hparams()["protocol"] == "cifar"
+  mixed = cls(*pair, protocol="imagenet", temperature=2.0, beta=3.0, method_weight=1.0)
+  assert (mixed.temperature, mixed.beta, mixed.gamma, mixed.method_weight) == (2.0, 3.0, 1.0, 1.0)
+  with pytest.raises(UsageError, match=r"DIST protocol='tiny': accepted cifar, imagenet"):
+    cls(*pair, protocol="tiny")
+
+
+def test_the_engine_picks_the_protocol_from_the_dataset():
+  from kd_tf2.distillers._pairs import dataset_protocol
+  names = ("cifar100", "cifar10", "synthetic", "ImageNet", "imagenet64")
+  assert [dataset_protocol(d) for d in names] == ["cifar", "cifar", "cifar", "imagenet", "imagenet"]
+  kwargs = distillers.engine_kwargs(distillers.get("DIST"), train_labels=lambda: None,
+                                    jit_compiled=lambda: False, protocol=lambda: "imagenet")
+  assert kwargs == {"protocol": "imagenet"}
+
+
+@pytest.mark.parametrize("student, teacher, beta", [
+    ("wrn_16_2", "wrn_40_2", 6.0), ("wrn_40_1", "wrn_40_2", 6.0), ("vgg8", "vgg13", 6.0),
+    ("MobileNetV2", "vgg13", 6.0), ("resnet20", "resnet56", 2.0), ("resnet32", "resnet110", 2.0),
+    ("resnet8x4", "resnet32x4", 8.0), ("ShuffleV1", "wrn_40_2", 8.0)])
+def test_dkd_beta_is_mdistillers_per_pair_value_unless_given(student, teacher, beta):
+  def net(arch):
+    return types.SimpleNamespace(arch=arch)
+
+  cls = distillers.get("DKD")
+  d = cls(net(student), net(teacher))
+  assert d.beta == beta
+  assert ("pair_defaults" in d.hparams()) == (beta != 8.0)
+  if beta != 8.0:
+    assert d.hparams()["pair_defaults"].startswith(f"beta={beta:g} (mdistiller configs/cifar100/")
+  assert cls(net(student), net(teacher), beta=3.0).beta == 3.0
+  assert "pair_defaults" not in cls(net(student), net(teacher), beta=3.0).hparams()
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -286,9 +340,27 @@ def test_logit_methods_refuse_different_class_counts(method, pair):
 @pytest.mark.parametrize("method, hparams", [
     ("KD_SVD", {"k": 0}), ("KD_SVD", {"k": 1.0}), ("CC", {"order": 1.5}), ("CC", {"gamma": 0}),
     ("DKD", {"warmup": -1}), ("DKD", {"beta": "8"}), ("RKD", {"angle_weight": -1}),
-    ("PKT", {"eps": 0}), ("IRG", {"w_edge": True}), ("DIST", {"gamma": -2}),
+    ("PKT", {"eps": 0}), ("CC", {"form": "paper"}), ("CC", {"feat_dim": 0}), ("IRG", {"w_edge": True}), ("DIST", {"gamma": -2}),
 ])
 def test_bad_hyper_parameters_are_refused(method, hparams, pair):
   name = next(iter(hparams))
   with pytest.raises(UsageError, match=rf"{method} {name}="):
     distillers.create(method, *pair, **hparams)
+
+
+def test_cc_repdistiller_form(pair, outputs, batch):
+  """RepDistiller's CC: trainable 128-d embeds on both nets, mean over consecutive samples of
+  sum_d |E_s - E_t|_i |E_s - E_t|_(i+1), weight 0.02; both embeds learn with the student."""
+  s, t = outputs
+  images, labels = batch
+  d = distillers.create("CC", *pair)
+  assert d.method_weight == 0.02 and d.form == "repdistiller"
+  assert d.embed_s.kernel.shape == (64, 128) and d.embed_t.kernel.shape == (64, 128)
+  e_s = _np(s.embedding) @ d.embed_s.kernel.numpy() + d.embed_s.bias.numpy()
+  e_t = _np(t.embedding) @ d.embed_t.kernel.numpy() + d.embed_t.bias.numpy()
+  delta = np.abs(e_s - e_t)
+  want = 0.02 * np.mean(np.sum(delta[:-1] * delta[1:], axis=1))
+  got = d.terms(s, t, {"label": labels, "image": images}, training=False)["cc"]
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  ids = {id(v) for v in d.variables_to_train()}
+  assert all(id(v) in ids for v in d.embed_s.trainable_variables + d.embed_t.trainable_variables)

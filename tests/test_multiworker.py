@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import h5py
@@ -173,6 +174,81 @@ def test_a_missing_peer_fails_in_one_line_after_cluster_timeout(tmp_path):
   assert f"127.0.0.1:{ports[1]} (worker 1)" in lines[0] and "--cluster_timeout=3s" in lines[0]
   assert f"127.0.0.1:{ports[0]}" not in lines[0]  # itself is not missing
   assert not os.path.exists(tmp_path / "alone")  # nothing written
+
+
+def test_a_peer_that_goes_away_before_registering_is_named_after_cluster_timeout(tmp_path):
+  """The peer answers the start-up probe, then dies before joining: TF's strategy constructor
+  would wait forever; the watchdog ends the process after --cluster_timeout with one line."""
+  ports = free_ports(2)
+  fake_peer = socket.create_server(("127.0.0.1", ports[1]))
+
+  def answer_once_then_die():
+    connection, _ = fake_peer.accept()
+    connection.close()
+    fake_peer.close()
+
+  threading.Thread(target=answer_once_then_die, daemon=True).start()
+  name_proc = launch(str(tmp_path), "left", TRAIN[:-1] + ["--cluster_timeout=3",
+                                                        "--train_dir=left"], tf_config(ports, 0))
+  code, out, err = finish(str(tmp_path), [name_proc], timeout=120)["left"]
+  lines = err.strip().splitlines()
+  assert code == 2, f"exit {code}\n{out}\n{err}"
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert lines[0].startswith("train.py: error: --cluster_timeout=3s passed while TF_CONFIG's "
+                             f"tasks registered with each other: 127.0.0.1:{ports[1]} (worker 1) "
+                             "went away after the start-up check"), lines[0]
+  assert not os.path.exists(tmp_path / "left")  # nothing written
+
+
+KILLED = ["--method=none", "--arch=resnet8", "--dataset=synthetic:train=256,test=16,size=8",
+          "--batch_size=16", "--epochs=2", "--seed=1", "--strategy=multi_worker",
+          "--cluster_timeout=60", "--train_dir=pair"]
+
+
+def _wait_for(path, procs, timeout):
+  """Until ``path`` exists; fails (killing ``procs``) if one of them ends first or on timeout."""
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    ended = [name for name, p in procs if p.poll() is not None]
+    if ended or time.monotonic() > deadline:
+      for _, p in procs:
+        p.kill()
+      pytest.fail(f"{path} never appeared (ended early: {ended})")
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_named_and_a_relaunch_resumes(tmp_path):
+  """kill -9 worker 1 during epoch 2: the chief stops with one line naming it (exit 1, no
+  traceback; TensorFlow's own C++ log records may precede it). The same command relaunched on both
+  resumes from the chief's epoch-1 checkpoint and finishes: every epoch logged once."""
+  work, ports = str(tmp_path), free_ports(2)
+  pair = os.path.join(work, "pair")
+  procs = [launch(work, f"first{i}", KILLED, tf_config(ports, i),
+                  tmpdir=os.path.join(work, f"tmp{i}")) for i in range(2)]
+  _wait_for(os.path.join(pair, "checkpoints", "checkpoint"), procs, HARD_TIMEOUT)
+  time.sleep(1.0)  # into epoch 2 (about 10 s here)
+  procs[1][1].kill()
+  code, out, err = finish(work, procs[:1], timeout=120)["first0"]
+  procs[1][1].wait()
+  ours = [line for line in err.splitlines() if line.startswith("train.py:")]
+  assert code == 1, f"exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+  assert "Traceback" not in err and len(ours) == 1 and err.strip().endswith(ours[0]), err
+  assert ours[0].startswith(f"train.py: error: 127.0.0.1:{ports[1]} (worker 1) went away during "
+                            "training"), ours[0]
+  assert "relaunch every task of the cluster with the same command" in ours[0]
+  assert [m["epoch"] for m in metrics(pair)] == [1]
+  assert not os.path.exists(os.path.join(pair, "results.json"))
+
+  procs = [launch(work, f"again{i}", KILLED, tf_config(ports, i),
+                  tmpdir=os.path.join(work, f"tmp{i}")) for i in range(2)]
+  results = finish(work, procs)
+  for name, (code, out, err) in results.items():
+    assert code == 0, f"{name}: exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+    assert "Traceback" not in err and "resuming from epoch 1" in out, f"{name}:\n{out}\n{err}"
+  assert [m["epoch"] for m in metrics(pair)] == [1, 2]
+  with open(os.path.join(pair, "results.json")) as f:
+    assert json.load(f)["epochs"] == 2
 
 
 # ---------------------------------------------------------------- in process, no training

@@ -86,7 +86,9 @@ def _close(actual, expected, what):
 # --- registry ----------------------------------------------------------------------------------
 
 def test_available_lists_every_zoo_name():
-  assert set(nets.available()) == set(COUNTS)
+  imagenet = {"resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet",
+              "mobilenetv1_imagenet"}  # tests/test_nets_imagenet.py
+  assert set(nets.available()) == set(COUNTS) | imagenet
 
 
 def test_canonical_name_is_case_insensitive():
@@ -508,11 +510,74 @@ def test_training_updates_bn_statistics_with_pytorch_momentum():
   assert np.all(bn.moving_mean.numpy() == 0)  # inference leaves the statistics alone
   train_logits = model(x, training=True)
   f0 = np.asarray(eval_out.features[0], np.float64)
-  # PyTorch momentum 0.1: running = 0.9 running + 0.1 batch (biased variance in Keras, NETS.md §1.3)
+  # PyTorch momentum 0.1: running = 0.9 running + 0.1 batch (unbiased variance, as PyTorch)
+  n = f0.size // f0.shape[-1]
   np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * f0.mean(axis=(0, 1, 2)), atol=1e-5)
-  np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * f0.var(axis=(0, 1, 2)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(bn.moving_variance.numpy(),
+                             0.9 + 0.1 * f0.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-4)
   assert np.max(np.abs(np.asarray(train_logits) - np.asarray(eval_out.logits))) > 1e-3
+
+
+# --- BatchNorm training mode = PyTorch's BatchNorm2d (issue 13) --------------------------------------
+# (tests/replicas/test_nets_sync_bn.py: the synchronized BN under 2 replicas equals this one.)
+
+def _bn_case(seed=6):
+  """Three training batches [4, 5, 5, 6] (n = 100 values per channel) and non-trivial weights."""
+  rng = np.random.default_rng(seed)
+  xs = [(rng.standard_normal((4, 5, 5, 6)) * rng.uniform(0.5, 3, 6) + rng.normal(0, 2, 6))
+        .astype(np.float32) for _ in range(3)]
+  weights = [rng.uniform(0.5, 1.5, 6), rng.normal(0, 0.5, 6), rng.normal(0, 1, 6),
+             rng.uniform(0.5, 2, 6)]  # gamma, beta, moving mean, moving variance
+  return xs, [w.astype(np.float32) for w in weights]
+
+
+def np_bn_train_replay(xs, gamma, beta, mean, var, unbiased=True, eps=1e-5, momentum=0.1):
+  """PyTorch's BatchNorm2d training step, replayed in float64 on NHWC batches: normalise with the
+  batch mean and biased variance; running_mean += m (mu - running_mean); running_var moves to the
+  unbiased variance var_b · n/(n-1) (biased if ``unbiased=False``, Keras' rule).
+  Returns [(output, running_mean, running_var)] after each step."""
+  mean, var = np.float64(mean), np.float64(var)
+  steps = []
+  for x in xs:
+    x = np.float64(x)
+    n = x.size // x.shape[-1]
+    mu, var_b = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    y = gamma * (x - mu) / np.sqrt(var_b + eps) + beta
+    mean = (1 - momentum) * mean + momentum * mu
+    var = (1 - momentum) * var + momentum * var_b * (n / (n - 1) if unbiased else 1.0)
+    steps.append((y, mean, var))
+  return steps
+
+
+def _bn_scaled_err(a, e):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - e)) / max(1.0, np.max(np.abs(e))))
+
+
+def _check_bn_steps(got, xs, weights):
+  """got: [(output, moving_mean, moving_variance)] per step from Keras."""
+  ref = np_bn_train_replay(xs, *weights)
+  biased = np_bn_train_replay(xs, *weights, unbiased=False)
+  for step, (g, r, b) in enumerate(zip(got, ref, biased), start=1):
+    for what, a, e in zip(("output", "moving_mean", "moving_variance"), g, r):
+      err = _bn_scaled_err(a, e)
+      assert err <= 1e-6, f"step {step} {what}: scaled error {err:.2g}"
+    assert _bn_scaled_err(g[2], b[2]) > 1e-4  # Keras' biased rule would be told apart
+
+
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_bn_training_replays_pytorch_update(synchronized):
+  xs, weights = _bn_case()
+  bn = nets.layers.batch_norm("bn", synchronized)
+  bn.build((None, 5, 5, 6))
+  bn.set_weights(weights)
+  got = []
+  for x in xs:
+    y = bn(x, training=True)
+    got.append((y, bn.moving_mean.numpy(), bn.moving_variance.numpy()))
+  _check_bn_steps(got, xs, weights)
+  np.testing.assert_allclose(bn(xs[0], training=False),  # inference: the moving statistics
+                             (xs[0] - got[-1][1]) / np.sqrt(got[-1][2] + 1e-5) * weights[0]
+                             + weights[1], rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_model_runs_bn_in_inference_mode():

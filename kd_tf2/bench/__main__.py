@@ -1,6 +1,7 @@
 """``python -m kd_tf2.bench table|speed [flags]`` (see ``kd_tf2.bench``; ``--help`` on each).
 
-Bad input ends with ``kd_tf2.bench: error: <one line>`` on stderr and exit code 2.
+Bad input ends with ``kd_tf2.bench: error: <one line>`` on stderr and exit code 2; a bug with its
+traceback and exit code 1 (``kd_tf2.cli``).
 """
 import argparse
 import json
@@ -9,14 +10,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kd_tf2 import cli  # noqa: E402  (no TensorFlow yet)
+
 PROG = "python -m kd_tf2.bench"
-USAGE_EXIT = 2
-
-
-def fail(message, code=USAGE_EXIT):
-  text = " ".join(str(message).split()) or "unknown error"
-  print(f"kd_tf2.bench: error: {text}", file=sys.stderr, flush=True)
-  sys.exit(code)
+NAME = "kd_tf2.bench"  # how its error lines start
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     super().__init__(*args, **kwargs)
 
   def error(self, message):
-    fail(f"{message} (see {self.prog} --help)")
+    cli.fail(f"{message} (see {self.prog} --help)", prog=NAME)
 
 
 def parse_bool(text):
@@ -164,7 +161,6 @@ def main(argv=None):
   if argv[:1] == ["table-cell"]:  # internal: one training of the table, in a fresh process
     from kd_tf2.bench import table  # pylint: disable=import-outside-toplevel
     sys.exit(table.cell_main(json.loads(argv[1])))
-  from kd_tf2 import cli  # pylint: disable=import-outside-toplevel
   cli.start_tensorflow(_cpu_replicas(argv))  # quietly, before the flags import the engine
   from kd_tf2.bench import table  # pylint: disable=import-outside-toplevel
   parser = build_parser()
@@ -175,13 +171,15 @@ def main(argv=None):
     else:
       _table(args, table.train_flags(args))
   except UsageError as e:
-    fail(e)
+    cli.fail(e, prog=NAME)
   except TrainingInterrupted as e:
     print(f"kd_tf2.bench: {e}", file=sys.stderr, flush=True)
   except KeyboardInterrupt:
     print("kd_tf2.bench: interrupted; rerun the same command to resume", file=sys.stderr,
           flush=True)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    cli.report_bug(e, prog=NAME)
 
 
 if __name__ == "__main__":

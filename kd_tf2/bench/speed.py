@@ -49,6 +49,8 @@ import subprocess
 import sys
 import time
 
+from kd_tf2.checks import is_int
+
 STUDENT = "none"
 FLOOR = "floor"
 RESULT_PREFIX = "KD_TF2_SPEED_RESULT "
@@ -81,7 +83,7 @@ def validate(config):
   for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("num_classes", 2),
                     ("image_size", 8), ("train_size", 2), ("seed", 0)):
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
       raise UsageError(f"--{name}={value!r}: must be an integer >= {low}")
   if config.train_size < config.batch_size:
     raise UsageError(f"--train_size={config.train_size} is smaller than --batch_size="
@@ -182,7 +184,8 @@ def _engine_hparams(cls, config):
   split (CIFAR's 50000 by default)."""
   from kd_tf2 import distillers  # pylint: disable=import-outside-toplevel
   return distillers.engine_kwargs(cls, train_labels=lambda: _train_labels(config),
-                                  jit_compiled=lambda: config.jit_compile)
+                                  jit_compiled=lambda: config.jit_compile,
+                                  protocol=lambda: "cifar")
 
 
 def _floor_step(nets_, config, loss_scale):

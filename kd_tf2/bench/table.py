@@ -37,7 +37,8 @@ as the tests).
 
 Cells of the table: ``final / best`` test top-1 (%), i.e. the last epoch's and the best epoch's;
 with several seeds, ``mean ± std`` over seeds (sample standard deviation), and ``(n=k)`` when only
-k of them finished. A cell without any finished run shows why (refused, diverged, failed, ...).
+k of them finished. A cell without any finished run shows why: ``refused`` (bad input, e.g. a pair
+the method cannot distil), ``diverged``, ``error`` (a crash: a bug, see the run's log), ...
 """
 import argparse
 import dataclasses
@@ -49,6 +50,8 @@ import subprocess
 import sys
 import time
 
+from kd_tf2.errors import UsageError
+
 CONTROLLED = ("method", "fraction", "seed", "train_dir", "teacher_ckpt")
 TEACHER = "teacher"
 STUDENT = "none"
@@ -59,7 +62,7 @@ _STUDENT_DROPS = ("ce_weight", "kd_weight", "method_weight", "temperature", "ini
 
 # Status of a run (cell).
 DONE, SKIPPED = "done", "skipped"
-REFUSED, DIVERGED, FAILED = "refused", "diverged", "failed"
+REFUSED, DIVERGED, ERROR = "refused", "diverged", "error"
 INTERRUPTED, NO_TEACHER, CONFLICT, PENDING = "interrupted", "no teacher", "conflict", "pending"
 _FINISHED = (DONE, SKIPPED)
 # Exit codes of ``table-cell`` (``cell_main``).
@@ -112,7 +115,6 @@ def train_flags(args):
 
 
 def _usage_error(message):
-  from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
   return UsageError(message)
 
 
@@ -219,8 +221,8 @@ def finished(cell):
 def cell_main(config_dict):
   """``python -m kd_tf2.bench table-cell CONFIG_JSON``: one training in this fresh process.
 
-  Exit code 0 finished, 2 bad input / refused pair (message on stderr), 3 diverged,
-  4 interrupted (checkpoint written).
+  Exit code 0 finished, 2 bad input / refused pair (``UsageError``, message on stderr), 3
+  diverged, 4 interrupted (checkpoint written); anything else is a crash (exit 1, traceback).
   """
   from kd_tf2 import cli  # pylint: disable=import-outside-toplevel
   cli.start_tensorflow(config_dict.get("cpu_replicas"))
@@ -228,7 +230,7 @@ def cell_main(config_dict):
   from kd_tf2.errors import TrainingDiverged, TrainingInterrupted  # pylint: disable=import-outside-toplevel
   try:
     engine.train(engine.TrainConfig(**config_dict))
-  except (ValueError, FileNotFoundError) as e:  # UsageError is a ValueError
+  except UsageError as e:
     print(f"refused: {_one_line(e)}", file=sys.stderr, flush=True)
     return 2
   except TrainingDiverged as e:
@@ -377,7 +379,7 @@ class Sweep:
     try:
       _run_signature(cell.config)  # refuses bad flags for this cell before any process starts
       done, results = finished(cell)
-    except ValueError as e:  # the cell's flags are refused (e.g. --init_epochs for this method)
+    except UsageError as e:  # the cell's flags are refused (e.g. --init_epochs here)
       cell.status, cell.message = REFUSED, _one_line(e)
       self.log(f"{tag}: refused: {cell.message}")
       return
@@ -417,14 +419,14 @@ class Sweep:
     try:
       cell.results = engine.train(cell.config)
       cell.status = DONE
-    except (ValueError, FileNotFoundError) as e:
+    except UsageError as e:
       cell.status, cell.message = REFUSED, _one_line(e)
     except TrainingDiverged as e:
       cell.status, cell.message = DIVERGED, _one_line(e)
     except TrainingInterrupted as e:
       cell.status, cell.message = INTERRUPTED, _one_line(e)
-    except Exception as e:  # pylint: disable=broad-except
-      cell.status, cell.message = FAILED, f"{type(e).__name__}: {_one_line(e)}"
+    except Exception as e:  # pylint: disable=broad-except  (a bug)
+      cell.status, cell.message = ERROR, f"{type(e).__name__}: {_one_line(e)}"
     finally:
       keras.backend.clear_session()
 
@@ -448,14 +450,14 @@ class Sweep:
       forward.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
       code = forward.proc.wait()
-    status = _EXIT.get(code, FAILED)
+    status = _EXIT.get(code, ERROR)
     if forward.signal is not None:
       self.stop_requested = True
       if status != DONE:
         status = INTERRUPTED
     cell.results = self._results_of(cell) if status == DONE else None
     if status == DONE and cell.results is None:
-      status = FAILED
+      status = ERROR
     cell.status = status
     cell.message = "" if status == DONE else f"exit code {code}: {_last_line(log_path)}"
 
@@ -542,7 +544,7 @@ class Sweep:
     return Outcome(summary, text, False)
 
 
-_SEVERITY = (FAILED, DIVERGED, REFUSED, CONFLICT, NO_TEACHER, INTERRUPTED, PENDING)
+_SEVERITY = (ERROR, DIVERGED, REFUSED, CONFLICT, NO_TEACHER, INTERRUPTED, PENDING)
 
 
 def _worst(statuses):

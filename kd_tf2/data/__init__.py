@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from kd_tf2.checks import is_int
 from kd_tf2.data import pipeline, sources, subset
 from kd_tf2.data.sources import available, check
 
@@ -75,9 +76,9 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
     pair_by_class: follow every sample by a random sample of its class (CS-KD,
       ``kd_tf2.data.paired``).
   """
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+  if not is_int(seed) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+  if not is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} is not an int >= 1")
   fraction = subset.check_fraction(fraction)
   training = split == "train"

@@ -23,6 +23,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
+from kd_tf2.checks import is_int
 from kd_tf2.data import synthetic
 
 EMBEDDED = "cifar10_mini"
@@ -102,8 +103,7 @@ def read(name, split, data_dir=None, image_size=None):
   _check_name(name)
   if not isinstance(split, str) or not split:
     raise ValueError(f"split {split!r} is not a non-empty string (e.g. 'train', 'test')")
-  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                 or image_size < 1):
+  if image_size is not None and (not is_int(image_size) or image_size < 1):
     raise ValueError(f"image_size={image_size!r} is not a positive int (or None: native size)")
   name = name.strip()
   if data_dir is not None:

@@ -8,7 +8,9 @@ Neurons", AAAI 2019, arXiv:1811.03233. METHODS.md §2.10 / §3 (RepDistiller ``-
   ``ConvReg(use_relu=False)`` (conv + BN onto the teacher's [H, W, C]) where the shapes differ, the
   identity where they are equal.
 * ``init`` stage (``init_epochs``, default 30, constant base learning rate, no cross-entropy): the
-  connectors and the student's feature modules (every trainable variable but the classifier's)
+  connectors and the student's feature modules (RepDistiller ``get_feat_modules``: every trainable
+  variable but the classifier's and, for WRN students, the top ``bn1``, which produces the last
+  preact and, as in RepDistiller's ``model_s.eval()``, runs in inference mode untrained)
   minimise  sum_i w_i * activation_boundary(conn_i(s_i), t_i, margin) * 3/1000,
   w_i = 2^(i - n + 1) (deepest 1, halving towards the input), margin 1, the criterion divided by B.
 * main phase: cross-entropy only (plus KD if ``kd_weight`` is set); **method_weight has no effect**
@@ -28,6 +30,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.connectors import ConvReg
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch, feature_variables
@@ -52,7 +55,7 @@ class AB(Distiller):
 
   def __init__(self, student, teacher, *, margin=1.0, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+    if not is_number(margin) or margin < 0:
       raise UsageError(f"AB margin={margin!r}: must be a number >= 0")
     self.margin = float(margin)
     if kwargs.get("method_weight") is not None:
@@ -110,6 +113,34 @@ class AB(Distiller):
     """Main phase: the student only (the connectors are frozen after the init stage)."""
     return list(self.student.trainable_variables)
 
+  def head_bn(self):
+    """The student's BatchNorm outside RepDistiller's feature modules that produces its last
+    preact - WRN's top ``bn1`` (``get_feat_modules`` = conv1, block1..3) - or None."""
+    if _arch(self.student).startswith("wrn_"):
+      return self.student.bn1
+    return None
+
+  def init_variables(self):
+    """Connectors + the student's feature modules (all but the classifier and the head BN)."""
+    head = self.head_bn()
+    skip = {id(v) for v in head.weights} if head is not None else set()
+    return self.connector_variables() + [v for v in feature_variables(self.student)
+                                         if id(v) not in skip]
+
+  def stage_step(self, stage, batch, ctx):
+    """RepDistiller's init stage runs the student in eval mode and only its feature modules in
+    train mode: WRN's head BN (the last preact) uses its moving statistics and is not trained.
+    ``trainable = False`` makes a Keras BatchNormalization run in inference mode; it is set while
+    the step is traced (every trace of this stage)."""
+    head = self.head_bn()
+    if head is None:
+      return super().stage_step(stage, batch, ctx)
+    was = head.trainable
+    head.trainable = False
+    try:
+      return super().stage_step(stage, batch, ctx)
+    finally:
+      head.trainable = was
+
   def stages(self):
-    return [Stage("init", int(self.init_epochs), self.init_terms,
-                  lambda: self.connector_variables() + feature_variables(self.student))]
+    return [Stage("init", int(self.init_epochs), self.init_terms, self.init_variables)]

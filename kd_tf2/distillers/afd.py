@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -66,7 +67,7 @@ class AFD(Distiller):
 
   def __init__(self, student, teacher, *, att_f=1.0, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(att_f, bool) or not isinstance(att_f, (int, float)) or not att_f > 0:
+    if not is_number(att_f) or not att_f > 0:
       raise UsageError(f"AFD att_f={att_f!r}: must be a number > 0")
     self.att_f = float(att_f)
 

@@ -69,6 +69,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import keras
 import tensorflow as tf
 
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.errors import UsageError
 
 
@@ -186,10 +187,6 @@ def as_float32(outputs):
       lambda x: tf.cast(x, tf.float32) if x.dtype != tf.float32 else x, outputs)
 
 
-def _is_number(x):
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 class Distiller(keras.layers.Layer):
   """Base of every distillation method. Subclass it, override ``terms`` (and whatever else the
   method needs, see the module docstring), decorate with ``@register("NAME", "ALIAS", ...)``.
@@ -226,11 +223,11 @@ class Distiller(keras.layers.Layer):
     for key, value in weights.items():
       if value is None:
         continue
-      if not _is_number(value) or value < 0:
+      if not is_number(value) or value < 0:
         raise UsageError(f"{key}={value!r} for method {self.method_name}: must be a number >= 0")
       setattr(self, key, float(value))
     if temperature is not None:
-      if not _is_number(temperature) or temperature <= 0:
+      if not is_number(temperature) or temperature <= 0:
         raise UsageError(f"temperature={temperature!r}: must be a number > 0")
       self.temperature = float(temperature)
     if init_epochs is not None:
@@ -238,7 +235,7 @@ class Distiller(keras.layers.Layer):
         from kd_tf2.distillers import with_stages  # the registry owns the list
         raise UsageError(f"init_epochs={init_epochs!r}: method {self.method_name} has no init "
                          f"stage (methods with one: {', '.join(with_stages())})")
-      if not isinstance(init_epochs, int) or isinstance(init_epochs, bool) or init_epochs < 0:
+      if not is_int(init_epochs) or init_epochs < 0:
         raise UsageError(f"init_epochs={init_epochs!r}: must be an integer >= 0")
       self.init_epochs = init_epochs
     self.epochs = 1

@@ -39,6 +39,7 @@ saturated teacher softmax gives g = 0, where the Zoo divides by zero).
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -121,9 +122,9 @@ class BSS(Distiller):
     lowest = dict(attack_size=1, attack_steps=0, warmup_epochs=0)
     values = dict(attack_size=attack_size, attack_steps=attack_steps, warmup_epochs=warmup_epochs)
     for key, value in values.items():
-      if not isinstance(value, int) or isinstance(value, bool) or value < lowest[key]:
+      if not is_int(value) or value < lowest[key]:
         raise UsageError(f"{key}={value!r} for method BSS: must be an integer >= {lowest[key]}")
-    if not isinstance(step_size, (int, float)) or isinstance(step_size, bool) or step_size <= 0:
+    if not is_number(step_size) or step_size <= 0:
       raise UsageError(f"step_size={step_size!r} for method BSS: must be a number > 0")
     self.attack_size, self.attack_steps = attack_size, attack_steps
     self.step_size, self.warmup_epochs = float(step_size), warmup_epochs
@@ -142,18 +143,26 @@ class BSS(Distiller):
     ramp = tf.maximum(1.0 - 1.25 * epoch / float(max(self.epochs, 1)), 0.0)
     return tf.where(epoch < float(self.warmup_epochs), 0.0, self.method_weight * ramp)
 
-  def boundary_loss(self, images, labels, s_logits, t_logits, weight):
+  def attack_classes(self, t_logits, rows, batch=None):
+    """int32 [A]: the attack class of each selected row. Drawn by ``sample_attack_class`` unless
+    the batch carries ``"bss_attack_class"`` (int [B], one class per sample: a replay of fixed
+    draws, e.g. the step-parity fixture of the Zoo's own draws)."""
+    if batch is not None and "bss_attack_class" in batch:
+      return tf.gather(tf.cast(batch["bss_attack_class"], tf.int32), rows)
+    return sample_attack_class(tf.gather(t_logits, rows))
+
+  def boundary_loss(self, images, labels, s_logits, t_logits, weight, batch=None):
     """weight * L_bss of one batch (0 while the weight is 0 or no sample is a candidate)."""
-    batch = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
-    size = (min(self.attack_size, batch) if isinstance(batch, int)
-            else tf.minimum(self.attack_size, batch))
+    rows_in = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+    size = (min(self.attack_size, rows_in) if isinstance(rows_in, int)
+            else tf.minimum(self.attack_size, rows_in))
     rows, valid = select_candidates(tf.stop_gradient(s_logits), t_logits, labels, size)
     chosen = tf.gather(images, rows)
     run = (weight > 0) & tf.reduce_any(valid)
 
     def attack():  # teacher only (inference mode: no cross-replica op inside the branch)
       target = tf.gather(tf.cast(labels, tf.int32), rows)
-      attack_class = sample_attack_class(tf.gather(t_logits, rows))
+      attack_class = self.attack_classes(t_logits, rows, batch)
 
       def teacher_logits(x):
         return self.teacher(x, training=False)
@@ -180,7 +189,7 @@ class BSS(Distiller):
     with tf.GradientTape() as tape:
       s = self.student_outputs(images, training=True)
       terms = self.total_terms(s, t, batch, training=True)
-      terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight)
+      terms["bss"] = self.boundary_loss(images, labels, s.logits, t.logits, weight, batch)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
     return StepOutput(terms, s.logits)

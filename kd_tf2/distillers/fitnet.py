@@ -14,6 +14,7 @@ second stage (KD only) add ``--method_weight 0 --kd_weight ...``.
 """
 import tensorflow as tf
 
+from kd_tf2.checks import is_int
 from kd_tf2.connectors import ConvReg
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage
@@ -28,7 +29,7 @@ class FitNet(Distiller):
 
   def __init__(self, student, teacher, *, hint_layer=2, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if not isinstance(hint_layer, int) or isinstance(hint_layer, bool):
+    if not is_int(hint_layer):
       raise UsageError(f"hint_layer={hint_layer!r}: must be an integer feature position")
     self.hint_layer = hint_layer
 

@@ -9,19 +9,20 @@ NeurIPS 2018, arXiv:1802.04977. METHODS.md §2.13 / §3 / §5.8; modules as RepD
 * Paraphraser (teacher side): encoder conv3x3 Ct->Ct, Ct->m, m->m, decoder transposed conv3x3
   m->m, m->Ct, Ct->Ct (stride 1, padding 1, bias), each followed by LeakyReLU(0.1), no BN.
 * ``paraphraser`` stage (``init_epochs``, default 30): the paraphraser alone learns to
-  reconstruct the teacher map, loss MSE(decoder(encoder(t)), t) / max(1, mean(t^2)) (the plain
-  MSE whenever the teacher map's mean square is <= 1, as for CIFAR-trained teachers; the divisor
-  is a library safeguard against large maps, see ``reconstruction_terms``); the student does not
-  run. Its
+  reconstruct the teacher map, loss MSE(decoder(encoder(t)), t) (RepDistiller ``nn.MSELoss``;
+  teacher maps with a large mean square make it diverge at lr 0.01 - lower ``paraphraser_lr``
+  then); the student does not run. Its
   learning rate is 0.01 for ResNet/WRN students and the base rate otherwise (RepDistiller's rule;
   ``paraphraser_lr`` overrides it). Afterwards the paraphraser is frozen (never optimised in the
   main phase; it has no BN, so its mode does not matter).
 * Translator (student side, trained with the student): conv3x3 Cs->Cs, Cs->m, m->m, each BN +
   LeakyReLU(0.1).
-* Main phase: CE + method_weight * factor_transfer(translator(f_s), encoder(f_t), p), weight 200,
-  p = 1: the paper's loss, mean |F_s/||F_s|| - F_t/||F_t|| |^p over the flattened factors (maps of
-  different spatial size are pooled to match). RepDistiller's own FT loss is an attention-map
-  variant (normalised channel mean of f^2); the catalog follows the paper (§5.8).
+* Main phase: CE + method_weight * L, weight 200, RepDistiller's ``FactorTransfer(p1=2, p2=1)``
+  (``distiller_zoo/FT.py``) on F_s = translator(f_s), F_t = encoder(f_t) [B, H, W, m]: the taller
+  factor is average-pooled to the other's height, a(F) = normalize(mean_c F^2) flattened to
+  [B, H*W] (l2, max(||.||, 1e-12)), L = mean |a(F_s) - a(F_t)|^p with p = 1. RepDistiller is the
+  reference followed whole (modules, schedule, both losses). The paper's and Zoo's loss (L1 of the
+  l2-normalised flattened factors, METHODS.md §2.13, ``kd_tf2.losses.factor_transfer``) is not used.
 
 Paraphraser and translator are layers of the distiller: checkpointed with the run (a run resumed
 after the stage keeps the trained paraphraser), never exported. Per replica: the loss is a mean
@@ -30,11 +31,13 @@ over this replica's samples; the translator's BN is synchronized when the studen
 import keras
 import tensorflow as tf
 
-from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, arch_name as _arch
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
+from op_util import pool_to_match
+from op_util.ops import l2_normalize
 
 _SLOPE = 0.1
 
@@ -43,6 +46,13 @@ def _leaky_relu(x):
   """LeakyReLU(0.1) written as max(x, 0.1 x): same values and gradients, and it keeps grappler's
   remapper from trying (and loudly failing) to fuse it with the conv's bias in the gradient."""
   return tf.maximum(x, _SLOPE * x)
+
+
+def _attention_factor(f):
+  """RepDistiller ``FactorTransfer.factor`` (p1 = 2): [B, H, W, C] -> l2-normalised mean_c f^2,
+  flattened to [B, H*W]."""
+  a = tf.reshape(tf.reduce_mean(tf.square(f), axis=-1), [tf.shape(f)[0], -1])
+  return l2_normalize(a, axis=1)
 
 
 def _torch_uniform(fan_in):
@@ -127,14 +137,12 @@ class FT(Distiller):
 
   def __init__(self, student, teacher, *, rate=0.5, p=1.0, paraphraser_lr=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate:
+    if not is_number(rate) or not 0 < rate:
       raise UsageError(f"FT rate={rate!r}: must be a number > 0 (the factor has int(rate*C) "
                        "channels; the paper uses 0.5)")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+    if not is_number(p) or p <= 0:
       raise UsageError(f"FT p={p!r}: must be a number > 0 (the paper uses 1)")
-    if paraphraser_lr is not None and (isinstance(paraphraser_lr, bool) or
-                                       not isinstance(paraphraser_lr, (int, float)) or
-                                       paraphraser_lr <= 0):
+    if paraphraser_lr is not None and (not is_number(paraphraser_lr) or paraphraser_lr <= 0):
       raise UsageError(f"FT paraphraser_lr={paraphraser_lr!r}: must be a number > 0 or None")
     self.rate, self.p = float(rate), float(p)
     if paraphraser_lr is None and _resnet_or_wrn(_arch(student)):
@@ -154,21 +162,17 @@ class FT(Distiller):
   def terms(self, s, t, batch, *, training=True):
     factor_s = tf.cast(self.translator(s.features[-1], training=training), tf.float32)
     factor_t = tf.stop_gradient(tf.cast(self.paraphraser.encode(t.features[-1]), tf.float32))
-    return {"ft": self.method_weight * kd_losses.factor_transfer(factor_s, factor_t, p=self.p)}
+    factor_s, factor_t = pool_to_match(factor_s, factor_t)
+    diff = tf.abs(_attention_factor(factor_s) - _attention_factor(factor_t))
+    loss = tf.reduce_mean(diff if self.p == 1.0 else tf.pow(diff, self.p))
+    return {"ft": self.method_weight * loss}
 
   def reconstruction_terms(self, s, t, batch, *, training=True):
-    """The paraphraser stage's term: MSE(paraphraser(f_t), f_t) / max(1, mean(f_t^2)).
-
-    For teacher maps with mean square <= 1 (CIFAR-trained teachers: ~0.8 measured) this is
-    RepDistiller's plain MSE. Larger maps would make the plain MSE's updates grow with the square
-    of the map's scale (a synthetic-data teacher with mean square 25 sent the loss to inf in 7 steps
-    at lr 0.01); dividing by that constant keeps the minimiser and makes the update scale-free.
-    """
+    """The paraphraser stage's term: MSE(paraphraser(f_t), f_t) (RepDistiller ``nn.MSELoss``)."""
     del s, batch, training
     target = t.features[-1]
     rec = tf.cast(self.paraphraser(target), tf.float32)
-    scale = tf.maximum(1.0, tf.reduce_mean(tf.square(target)))
-    return {"paraphraser": tf.reduce_mean(tf.square(rec - target)) / scale}
+    return {"paraphraser": tf.reduce_mean(tf.square(rec - target))}
 
   def variables_to_train(self):
     """Main phase: student + translator (the paraphraser is frozen after its stage)."""

@@ -17,13 +17,14 @@ Per replica: the edge matrices and the transformation normaliser (max over the b
 replica's samples only; the value depends on the per-replica batch.
 """
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 
 
 def _weight(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+  if not is_number(value) or value < 0:
     raise UsageError(f"IRG {name}={value!r}: must be a number >= 0")
   return float(value)
 

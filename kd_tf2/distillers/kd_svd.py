@@ -20,6 +20,7 @@ between the nets, or a map with H*W < k+3 or C < k+3 (e.g. too small an input).
 Per replica: the loss is a mean over this replica's samples (every relation is within one sample).
 """
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -32,7 +33,7 @@ class KDSVD(Distiller):
 
   def __init__(self, student, teacher, *, k=1, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
       raise UsageError(f"KD_SVD k={k!r}: must be an integer >= 1 (default 1)")
     self.k = k
 

@@ -22,6 +22,7 @@ replica's own batch (the student's BatchNorm batch statistics couple its samples
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.distillers.sobolev import label_logit_sum, require_same_classes
@@ -42,7 +43,7 @@ class LwM(Distiller):
 
   def __init__(self, student, teacher, *, layer=2, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    if not is_int(layer):
       raise UsageError(f"layer={layer!r}: must be an integer feature position")
     self.layer = layer
 

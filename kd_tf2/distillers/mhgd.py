@@ -41,6 +41,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_int
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller, Stage, StepOutput, arch_name as _arch
 from kd_tf2.errors import UsageError
@@ -143,7 +144,7 @@ class MHGD(Distiller):
 
   def __init__(self, student, teacher, *, heads=8, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+    if not is_int(heads) or heads < 1:
       raise UsageError(f"MHGD heads={heads!r}: must be an integer >= 1 (the paper uses 8)")
     self.heads = heads
 

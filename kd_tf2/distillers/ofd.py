@@ -4,8 +4,9 @@ Heo, Kim, Yun, Park, Kwak, Choi, "A Comprehensive Overhaul of Feature Distillati
 arXiv:1904.01866. METHODS.md §2.11 / §5 item 6.
 
 Points: the pre-ReLU stage outputs of both nets, ``Outputs.preacts[1:]`` (mdistiller
-``preact_feats[1:]``), paired stage by stage up to the shorter list (RepDistiller's ``zip``).
-At point i of n (0 = shallowest):
+``preact_feats[1:]``). With unequal stage counts the LAST n stages of each net are paired
+(n = the shorter count; mdistiller ``OFD._align_list`` keeps ``l[-n:]`` of both lists). At point i
+of n (0 = shallowest paired point):
 
     L_i = ofd_distance(connector_i(s_pre_i), t_pre_i, margin_i)      # sum over elements / B
     {"ofd": method_weight * sum_i L_i / 2^(n-i-1)}
@@ -13,15 +14,23 @@ At point i of n (0 = shallowest):
 connector_i = conv1x1 (C_s -> C_t, no bias, He-normal fan-out) + BatchNorm (gamma 1, beta 0),
 trained with the student. Spatial sizes that differ are average-pooled to the smaller one inside
 ``ofd_distance``. ``margin_i`` [C_t] = ``ofd_margin(gamma, beta)`` of the teacher BatchNorm that
-produces preact i (``teacher_preact_batchnorms``), computed once when the distiller is built:
-the teacher's weights must be final by then (``refresh_margins()`` recomputes them).
+produces the paired teacher preact (``teacher_preact_batchnorms``), computed once when the
+distiller is built: the teacher's weights must be final by then (``refresh_margins()`` recomputes
+them). mdistiller indexes its margins from the FIRST teacher stage while it pairs the last ones,
+which only runs when those channel counts happen to agree; we take the paired stages' margins.
+
+Teacher BatchNorm (``teacher_bn``): "batch" (default) follows clovaai/mdistiller, whose
+``OFD.train()`` leaves the teacher in train mode: the teacher's BN normalises with the batch
+statistics of the current (per-replica) batch. Unlike mdistiller, the teacher's moving statistics
+are left untouched (they do not enter the step; the teacher stays exactly the loaded one).
+"moving" runs the teacher in inference mode (moving statistics, the sseung0703 port and the
+catalog's earlier choice, METHODS.md §5 item 6).
 
 Defaults (METHODS.md §3, mdistiller; RepDistiller has no OFD): ``-r 1 -a 0 -b 1e-3`` (CIFAR; use
 1e-4 for ImageNet-size runs).
 
-Catalog choices (where it differs from the references): the teacher runs in inference mode
-(clovaai and mdistiller run it with BatchNorm in training mode); margins from the BN parameters
-(not from batch statistics as in Zoo); sum / B (not Zoo's mean).
+Other catalog choices: margins from the BN parameters (not from batch statistics as in Zoo);
+sum / B (not Zoo's mean).
 
 Margins where the preact is not a plain BN output: for ResNet, ShuffleV1 and residual MobileNetV2
 units the preact is BN + shortcut and the margin of that BN is used, as clovaai/mdistiller do. A
@@ -31,6 +40,7 @@ margin <= 0 gives the same loss, so its channels get margin 0.
 Per replica: the loss is a per-replica sum / B_replica; the connectors' BatchNorm uses per-replica
 statistics unless the student uses synchronized BatchNorm.
 """
+import contextlib
 import re
 
 import keras
@@ -39,11 +49,14 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers.base import Distiller
+from kd_tf2.distillers.base import Distiller, as_float32
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 
-__all__ = ["OFD", "OFDConnector", "teacher_preact_batchnorms", "teacher_margins"]
+__all__ = ["OFD", "OFDConnector", "teacher_preact_batchnorms", "teacher_margins",
+           "batch_statistics"]
+
+TEACHER_BN = ("batch", "moving")
 
 
 # ------------------------------------------------------- the teacher's BN before each preact
@@ -142,6 +155,24 @@ def teacher_margins(model, preact_channels):
   return margins
 
 
+@contextlib.contextmanager
+def batch_statistics(model):
+  """While active (i.e. while a call is traced or run eagerly), ``model``'s BatchNorm layers called
+  with ``training=True`` normalise with batch statistics and leave their moving statistics as they
+  are: each BN is made trainable (a frozen Keras BN would ignore ``training``) with momentum 1
+  (moving <- 1 * moving + 0 * batch, the same value). Restored on exit."""
+  saved = []
+  for _, layer in model.torch_layers():
+    if isinstance(layer, keras.layers.BatchNormalization):
+      saved.append((layer, layer.trainable, layer.momentum))
+      layer.trainable, layer.momentum = True, 1.0
+  try:
+    yield
+  finally:
+    for layer, trainable, momentum in saved:
+      layer.trainable, layer.momentum = trainable, momentum
+
+
 # ------------------------------------------------------------------------------- connector
 
 @keras.saving.register_keras_serializable(package="kd_tf2")
@@ -172,28 +203,53 @@ class OFD(Distiller):
   """{"ofd": method_weight * sum_i ofd_distance(connector_i(s_pre_i), t_pre_i, m_i) / 2^(n-i-1)}."""
   method_weight = 1e-3
 
+  def __init__(self, student, teacher, *, teacher_bn="batch", **kwargs):
+    super().__init__(student, teacher, **kwargs)
+    if teacher_bn not in TEACHER_BN:
+      raise UsageError(f"OFD teacher_bn={teacher_bn!r}: accepted {', '.join(TEACHER_BN)}")
+    self.teacher_bn = teacher_bn
+
+  def teacher_outputs(self, images):
+    """The teacher's ``Outputs`` (stop-gradient, float32); its BN uses batch statistics when
+    ``teacher_bn == "batch"`` (mdistiller), moving statistics when "moving"."""
+    if self.teacher_bn == "moving":
+      return super().teacher_outputs(images)
+    with batch_statistics(self.teacher):
+      out = self.teacher(images, training=True, features=True)
+    return as_float32(tf.nest.map_structure(tf.stop_gradient, out))
+
+  @staticmethod
+  def _paired(s_list, t_list):
+    """The last n entries of each list, n = the shorter length (mdistiller ``_align_list``)."""
+    n = min(len(s_list), len(t_list))
+    return list(s_list[len(s_list) - n:]), list(t_list[len(t_list) - n:])
+
   def build_connectors(self, s, t):
-    s_pre, t_pre = s.preacts[1:], t.preacts[1:]
-    n = min(len(s_pre), len(t_pre))
-    if n == 0:
-      raise UsageError(f"OFD needs stage preacts; {self.student.arch} has {len(s_pre)} and "
-                       f"{self.teacher.arch} has {len(t_pre)}")
+    s_pre, t_pre = self._paired(s.preacts[1:], t.preacts[1:])
+    if not s_pre:
+      raise UsageError(f"OFD needs stage preacts; {self.student.arch} has "
+                       f"{len(s.preacts) - 1} and {self.teacher.arch} has {len(t.preacts) - 1}")
     self.connectors = [
         OFDConnector(int(tp.shape[-1]), self.synchronized_bn,
                      name=f"connector_{i}")
-        for i, tp in enumerate(t_pre[:n])]
-    self._t_channels = [int(tp.shape[-1]) for tp in t_pre]
+        for i, tp in enumerate(t_pre)]
+    self._t_channels = [int(tp.shape[-1]) for tp in t.preacts[1:]]
     self.refresh_margins()
 
   def refresh_margins(self):
-    """(Re)compute the per-point margins from the teacher's current BatchNorm parameters."""
-    self._margins = tuple(teacher_margins(self.teacher, self._t_channels)[:len(self.connectors)])
+    """(Re)compute the paired points' margins from the teacher's current BatchNorm parameters."""
+    margins = teacher_margins(self.teacher, self._t_channels)
+    self._margins = tuple(margins[len(margins) - len(self.connectors):])
 
   def terms(self, s, t, batch, *, training=True):
     n = len(self.connectors)
     terms = []
-    for i, (connector, sp, tp) in enumerate(zip(self.connectors, s.preacts[1:], t.preacts[1:])):
+    s_pre, t_pre = self._paired(s.preacts[1:], t.preacts[1:])
+    for i, (connector, sp, tp) in enumerate(zip(self.connectors, s_pre, t_pre)):
       guess = tf.cast(connector(sp, training=training), tf.float32)
       distance = kd_losses.ofd_distance(guess, tp, tf.constant(self._margins[i]))
       terms.append(distance / float(2 ** (n - i - 1)))
     return {"ofd": self.method_weight * tf.add_n(terms)}
+
+  def hparams(self):
+    return dict(super().hparams(), teacher_bn=self.teacher_bn)

@@ -10,6 +10,7 @@ Per replica: the B x B cosine-similarity distributions are built from this repli
 so the value depends on the per-replica batch (as in single-GPU RepDistiller).
 """
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -22,7 +23,7 @@ class PKT(Distiller):
 
   def __init__(self, student, teacher, *, eps=1e-7, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    if not is_number(eps) or not 0 < eps < 1:
       raise UsageError(f"PKT eps={eps!r}: must be a number in (0, 1), e.g. 1e-7")
     self.eps = float(eps)
 

@@ -25,8 +25,10 @@ sizes k = 4, 2, 1 smaller than the level's height, w = 1/2, 1/4, 1/8 in turn; su
 
 ``epoch`` is the engine's 0-based ``self.epoch``, so the factor is mdistiller's min(epoch / 20, 1)
 with its 1-based epoch count (1/20 in the first epoch). Defaults (mdistiller): ``-r 1 -a 0 -b 1``,
-``-b 5`` for resnet32x4 -> resnet8x4, warm-up 20 epochs. ``nearest`` is PyTorch's
-``interpolate(mode="nearest")``: output index i reads input index floor(i * in / out).
+``-b 5`` for resnet32x4 -> resnet8x4 (a per-pair default: ``kd_tf2.distillers._pairs``, logged
+in ``hparams()["pair_defaults"]``, overridden by ``--method_weight``), warm-up 20 epochs.
+``nearest`` is PyTorch's ``interpolate(mode="nearest")``: output index i reads input index
+floor(i * in / out).
 Convolutions: conv1x1 / conv3x3 without bias, Kaiming-uniform (a = 1) init; the attention conv has
 a bias and PyTorch's default init; BatchNorm with PyTorch's eps/momentum.
 
@@ -40,16 +42,14 @@ import numpy as np
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
+from kd_tf2.distillers._pairs import apply_pair_defaults, describe
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 from nets import layers as torch_layers
 
 __all__ = ["ReviewKD", "ABF", "nearest_resize"]
-
-# mdistiller's per-pair weights (CIFAR): (student arch, teacher arch) -> REVIEWKD_WEIGHT.
-_PAIR_WEIGHTS = {("resnet8x4", "resnet32x4"): 5.0}
-
 
 def nearest_resize(x, size):
   """PyTorch ``F.interpolate(x, (size, size), mode="nearest")`` on an NHWC map with static shape:
@@ -115,15 +115,14 @@ def _as_map(embedding):
 class ReviewKD(Distiller):
   """{"reviewkd": method_weight * min((epoch + 1) / warmup_epochs, 1) * HCL(ABF(s), t)}."""
   method_weight = 1.0
+  # mdistiller's per-pair REVIEWKD_WEIGHT (CIFAR), applied unless --method_weight is given.
+  pair_defaults = {("resnet8x4", "resnet32x4"): {"method_weight": 5.0}}
+  pair_sources = {("resnet8x4", "resnet32x4"): "mdistiller configs/cifar100/reviewkd.yaml"}
 
   def __init__(self, student, teacher, *, warmup_epochs=20, **kwargs):
-    explicit_weight = kwargs.get("method_weight") is not None
     super().__init__(student, teacher, **kwargs)
-    if not explicit_weight:
-      pair = (getattr(student, "arch", None), getattr(teacher, "arch", None))
-      self.method_weight = _PAIR_WEIGHTS.get(pair, type(self).method_weight)
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) \
-        or not warmup_epochs > 0:
+    self._pair_applied = apply_pair_defaults(self, {"method_weight": kwargs.get("method_weight")})
+    if not is_number(warmup_epochs) or not warmup_epochs > 0:
       raise UsageError(f"ReviewKD warmup_epochs={warmup_epochs!r}: must be a number > 0")
     self.warmup_epochs = float(warmup_epochs)
 
@@ -164,4 +163,7 @@ class ReviewKD(Distiller):
     return {"reviewkd": self.method_weight * self.warmup() * kd_losses.hcl(outputs, t_maps)}
 
   def hparams(self):
-    return dict(super().hparams(), warmup_epochs=self.warmup_epochs)
+    out = dict(super().hparams(), warmup_epochs=self.warmup_epochs)
+    if self._pair_applied:
+      out["pair_defaults"] = describe(self, self._pair_applied)
+    return out

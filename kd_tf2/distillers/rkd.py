@@ -11,13 +11,14 @@ Per replica: distances and angles relate this replica's samples only (B x B and 
 potentials of the per-replica batch), as in single-GPU RepDistiller.
 """
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
 
 
 def _weight(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+  if not is_number(value) or value < 0:
     raise UsageError(f"RKD {name}={value!r}: must be a number >= 0")
   return float(value)
 

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers.base import Distiller
 from kd_tf2.errors import UsageError
@@ -74,7 +75,7 @@ class VID(Distiller):
   def __init__(self, student, teacher, *, init_var=5.0, eps=1e-5, **kwargs):
     super().__init__(student, teacher, **kwargs)
     for key, value in (("init_var", init_var), ("eps", eps)):
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+      if not is_number(value) or not value > 0:
         raise UsageError(f"VID {key}={value!r}: must be a number > 0")
     if not init_var > eps:
       raise UsageError(f"VID init_var={init_var!r} must be larger than eps={eps!r}")

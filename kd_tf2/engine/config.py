@@ -12,6 +12,7 @@ import re
 import nets
 from kd_tf2 import distillers
 from kd_tf2 import optim
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.engine.strategy import (DEFAULT_CLUSTER_TIMEOUT, STRATEGIES, check_cluster_timeout,
                                    check_multi_worker_replicas)
 from kd_tf2.errors import UsageError
@@ -63,12 +64,12 @@ class TrainConfig:
 
 
 def _int(name, value, low):
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+  if not is_int(value) or value < low:
     raise UsageError(f"--{name}={value!r}: must be an integer >= {low}")
 
 
 def _number(name, value, low, inclusive=True):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = is_number(value)
   ok = ok and (value >= low if inclusive else value > low)
   if not ok:
     raise UsageError(f"--{name}={value!r}: must be a number {'>=' if inclusive else '>'} {low}")
@@ -88,7 +89,7 @@ def validate(config):
   teacher_arch = _net_name("teacher_arch", c.teacher_arch)
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     raise UsageError(f"--dataset={c.dataset!r}: must name a dataset")
-  ok = isinstance(c.fraction, (int, float)) and not isinstance(c.fraction, bool)
+  ok = is_number(c.fraction)
   if not ok or not 0.0 < c.fraction <= 1.0:
     raise UsageError(f"--fraction={c.fraction!r}: must be in (0, 1]")
   _int("seed", c.seed, 0)

@@ -26,7 +26,7 @@ from kd_tf2.engine.loop import Evaluator, Trainer
 from kd_tf2.engine.rundir import DONE, RunDir
 from kd_tf2.engine.strategy import configure_cpu_replicas, is_chief, make_strategy
 from kd_tf2.engine.summaries import Summaries, say
-from kd_tf2.errors import UsageError
+from kd_tf2.errors import UsageError, raised_by_our_checks
 
 EVAL_SPLITS = ("test", "validation", "val")
 
@@ -36,6 +36,8 @@ def _load_data(config, split, batch_size, **kwargs):
     return kd_data.load(config.dataset, split, batch_size=batch_size,
                         data_dir=config.data_dir or None, **kwargs)
   except (ValueError, FileNotFoundError) as e:
+    if not raised_by_our_checks(e):  # e.g. TensorFlow tracing the pipeline: a bug
+      raise
     raise UsageError(f"--dataset={config.dataset}: {e}") from None
 
 
@@ -50,8 +52,10 @@ def eval_split(splits):
 
 def engine_hparams(method_cls, config):
   """Constructor keywords the method asks the engine for (``Distiller.engine_hparams``)."""
+  from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
   return distillers.engine_kwargs(method_cls, train_labels=lambda: train_labels(config),
-                                  jit_compiled=lambda: config.jit_compile)
+                                  jit_compiled=lambda: config.jit_compile,
+                                  protocol=lambda: dataset_protocol(config.dataset))
 
 
 def train_labels(config):
@@ -307,6 +311,8 @@ def evaluate(model, dataset, split="test", *, data_dir=None, batch_size=256):
     ds, info = kd_data.load(dataset, split, batch_size=batch_size, data_dir=data_dir or None,
                             augment=False, shuffle=False, drop_remainder=False)
   except (ValueError, FileNotFoundError) as e:
+    if not raised_by_our_checks(e):
+      raise
     raise UsageError(f"--dataset={dataset}: {e}") from None
   _, classes = models.describe(model)
   if classes is not None and classes != info.num_classes:

@@ -12,16 +12,27 @@ its devices (so ``train.py`` builds it first thing; later calls return that one 
 constructor waits forever - deaf to SIGTERM - for a task that never starts. So ``TF_CONFIG`` is
 checked first (``read_tf_config``) and every other task's address must accept a TCP connection
 within ``cluster_timeout`` seconds (``wait_for_peers``), else ``UsageError`` names the missing ones.
+A task that passed that probe but dies before it registers would still leave the constructor
+waiting: a watchdog (``_RegistrationWatchdog``) ends the process after another ``cluster_timeout``
+seconds with one line naming the tasks that no longer answer (exit code 2). When a task dies
+mid-training, TF aborts the survivors' collectives (``UnavailableError``) within about 10 s;
+``lost_worker`` turns that into a ``WorkerLost`` naming the task, found by probing every peer's
+address again.
 """
 import dataclasses
 import json
 import os
+import select
+import signal
 import socket
+import sys
+import threading
 import time
 
 import tensorflow as tf
 
-from kd_tf2.errors import UsageError
+from kd_tf2.checks import is_int, is_number
+from kd_tf2.errors import UsageError, WorkerLost
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 DEFAULT_CLUSTER_TIMEOUT = 300.0
@@ -30,6 +41,7 @@ COLLECTIVE_JOBS = ("chief", "worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                       '"task": {"type": "worker", "index": 0}}')
 _multi_worker = None  # this process's MultiWorkerMirroredStrategy, once built
+_cluster_task = None  # and its ClusterTask (whom to probe when a collective breaks)
 # This process's Mirrored strategies by device list. One per device list, reused by every run of the
 # process (a teacher then its student; a bench sweep): two MirroredStrategy objects number their
 # collective all-reduces from the same start, so the second one's synchronized BatchNorm reuses the
@@ -44,7 +56,7 @@ def configure_cpu_replicas(n):
   Must run before TensorFlow initialises its devices (before any op); asking for a different
   split afterwards raises ``UsageError``. ``n <= 1`` leaves the CPU alone.
   """
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+  if not is_int(n) or n < 1:
     raise UsageError(f"cpu_replicas={n!r}: must be an integer >= 1")
   cpus = tf.config.list_physical_devices("CPU")
   current = tf.config.get_logical_device_configuration(cpus[0])
@@ -137,7 +149,7 @@ def read_tf_config(text):
     raise UsageError(f'TF_CONFIG task type {task_type!r} is not a job of the cluster '
                      f'(jobs: {", ".join(cluster)})')
   n = len(cluster[task_type])
-  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+  if not is_int(index) or not 0 <= index < n:
     raise UsageError(f"TF_CONFIG task index {index!r} is out of range: job {task_type!r} has {n} "
                      f"task(s), indices 0..{n - 1}")
   return ClusterTask({job: tuple(a) for job, a in cluster.items()}, task_type, index)
@@ -198,17 +210,119 @@ def wait_for_peers(task, timeout, poll=0.2):
       if not pending:
         return
       if time.monotonic() >= deadline:
-        missing = ", ".join(f"{address} ({name})" for name, address in pending.items())
-        raise UsageError(f"--cluster_timeout={timeout:g}s passed and TF_CONFIG's {missing} still "
-                         "refuse(s) connections; start every task of the cluster, or raise "
-                         "--cluster_timeout")
+        raise UsageError(f"--cluster_timeout={timeout:g}s passed and TF_CONFIG's "
+                         f"{_names(pending)} still refuse(s) connections; start every task of the "
+                         "cluster, or raise --cluster_timeout")
       time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
   finally:
     listener.close()
 
 
+def unreachable_peers(task, timeout=1.0):
+  """``{"worker 1": "host:port", ...}``: the other tasks that refuse a TCP connection now."""
+  return {name: address for name, address in task.peers().items()
+          if not _accepts_connection(address, timeout=timeout)}
+
+
+def _names(peers):
+  return ", ".join(f"{address} ({name})" for name, address in peers.items())
+
+
+class _RegistrationWatchdog:
+  """Bounds the wait in TF's strategy constructor, which blocks until every task has registered
+  and holds the GIL (and TF catches SIGTERM) meanwhile, so no Python thread or handler of this
+  process can run until it returns.
+
+  A forked child watches instead: if the constructor has not returned within ``timeout`` seconds,
+  it writes one line to ``report_fd`` naming the peers that no longer accept connections (or, if
+  all do, saying that they did not join) and sends SIGINT, for which this process has installed
+  libc's ``_exit`` as a C-level handler for the duration: the process ends with exit code 2 (2 is
+  SIGINT's number), as a missing peer at start-up does. Without that handler it is SIGKILLed.
+  """
+
+  def __init__(self, task, timeout, report_fd=2):
+    self.task, self.timeout, self.report_fd = task, timeout, report_fd
+    self.pid, self.pipe, self.previous = None, None, None
+
+  def __enter__(self):
+    exit_on_sigint = self._install_exit_on_sigint()
+    read_end, self.pipe = os.pipe()
+    self.pid = os.fork()
+    if self.pid == 0:  # the child: never returns
+      try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.close(self.pipe)
+        self._watch(read_end, os.getppid(), exit_on_sigint)
+      finally:
+        os._exit(0)  # pylint: disable=protected-access
+    os.close(read_end)
+    return self
+
+  def __exit__(self, *exc):
+    os.close(self.pipe)  # the child wakes up (end of file) and leaves
+    os.waitpid(self.pid, 0)
+    if self.previous is not None:
+      signal.signal(signal.SIGINT, self.previous)
+    return False
+
+  def _install_exit_on_sigint(self):
+    """SIGINT -> libc ``_exit(2)`` (no GIL needed); False where that cannot be done."""
+    if threading.current_thread() is not threading.main_thread():
+      return False  # Python's handler could not be put back (signal.signal: main thread only)
+    try:
+      import ctypes  # pylint: disable=import-outside-toplevel
+      libc = ctypes.CDLL(None)
+      libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+      handler = ctypes.cast(libc._exit, ctypes.c_void_p).value  # pylint: disable=protected-access
+      previous = signal.getsignal(signal.SIGINT)
+      if libc.signal(signal.SIGINT, handler) == ctypes.c_void_p(-1).value:
+        return False
+    except (OSError, AttributeError, ValueError):
+      return False
+    self.previous = signal.default_int_handler if previous is None else previous
+    return True
+
+  def _watch(self, read_end, parent, exit_on_sigint):
+    if select.select([read_end], [], [], self.timeout)[0]:
+      return  # the constructor returned (or the parent died)
+    gone = unreachable_peers(self.task)
+    if gone:
+      what = (f"{_names(gone)} went away after the start-up check and no longer accept(s) "
+              "connections; start every task of the cluster again")
+    else:
+      what = (f"the other tasks ({_names(self.task.peers())}) accept connections but did not "
+              "join the cluster; restart every task with the same TF_CONFIG cluster")
+    line = (f"{os.path.basename(sys.argv[0])}: error: --cluster_timeout={self.timeout:g}s passed "
+            f"while TF_CONFIG's tasks registered with each other: {what}\n")
+    if select.select([read_end], [], [], 0)[0]:
+      return
+    os.write(self.report_fd, line.encode())
+    os.kill(parent, signal.SIGINT if exit_on_sigint else signal.SIGKILL)
+
+
+def lost_worker(error, wait=5.0, poll=0.25):
+  """``WorkerLost`` naming the tasks of this process's cluster that went away, if ``error`` (raised
+  by TensorFlow during multi-worker training) came with some peer no longer accepting connections
+  within ``wait`` seconds; None otherwise (no multi-worker strategy here, not a TensorFlow error,
+  or every peer is still up: then ``error`` is not explained by a lost task)."""
+  if _cluster_task is None or not isinstance(error, tf.errors.OpError):
+    return None
+  deadline = time.monotonic() + wait
+  while True:
+    gone = unreachable_peers(_cluster_task)
+    if gone:
+      return WorkerLost(
+          f"{_names(gone)} went away during training (no longer accept(s) connections), so "
+          f"{_cluster_task.task_type} {_cluster_task.index} stopped too "
+          f"({type(error).__name__}); relaunch every task of the cluster with the same command to "
+          "resume from the chief's last checkpoint")
+    if time.monotonic() >= deadline:
+      return None
+    time.sleep(poll)
+
+
 def check_cluster_timeout(seconds):
-  ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0
+  ok = is_number(seconds) and seconds > 0
   if not ok:
     raise UsageError(f"--cluster_timeout={seconds!r}: must be a number of seconds > 0")
 
@@ -220,9 +334,9 @@ def check_multi_worker_replicas(cpu_replicas):
                      "(each CPU worker runs one replica); drop --cpu_replicas")
 
 
-def _make_multi_worker(cluster_timeout):
+def _make_multi_worker(cluster_timeout, report_fd=2):
   """This process's ``MultiWorkerMirroredStrategy`` (built once; see the module docstring)."""
-  global _multi_worker
+  global _multi_worker, _cluster_task
   if _multi_worker is not None:
     return _multi_worker
   check_cluster_timeout(cluster_timeout)
@@ -231,7 +345,9 @@ def _make_multi_worker(cluster_timeout):
   check_multi_worker_replicas(len(split or ()))
   wait_for_peers(task, cluster_timeout)
   try:
-    _multi_worker = tf.distribute.MultiWorkerMirroredStrategy()
+    with _RegistrationWatchdog(task, cluster_timeout, report_fd):
+      _multi_worker = tf.distribute.MultiWorkerMirroredStrategy()
+    _cluster_task = task
   except RuntimeError as e:
     if "startup" not in str(e):
       raise
@@ -241,15 +357,17 @@ def _make_multi_worker(cluster_timeout):
   return _multi_worker
 
 
-def make_strategy(name="auto", cluster_timeout=DEFAULT_CLUSTER_TIMEOUT):
+def make_strategy(name="auto", cluster_timeout=DEFAULT_CLUSTER_TIMEOUT, report_fd=2):
   """The strategy called ``name`` (see the module docstring).
 
-  ``cluster_timeout``: seconds ``multi_worker`` waits for the other tasks of ``TF_CONFIG``.
+  ``cluster_timeout``: seconds ``multi_worker`` waits for the other tasks of ``TF_CONFIG``, first
+  to accept connections, then to register. ``report_fd``: where the registration watchdog writes
+  its one line (``kd_tf2.cli`` passes the real stderr while TensorFlow's start-up is muted).
   """
   if name not in STRATEGIES:
     raise UsageError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")
   if name == "multi_worker":
-    return _make_multi_worker(cluster_timeout)
+    return _make_multi_worker(cluster_timeout, report_fd)
   gpus = tf.config.list_logical_devices("GPU")
   cpus = tf.config.list_logical_devices("CPU")
   if name == "tpu":

@@ -11,6 +11,7 @@ import math
 
 import tensorflow as tf
 
+from kd_tf2.checks import is_int
 from op_util import adaptive_avg_pool, flatten_per_sample, l2_normalize, pool_to_match
 
 __all__ = [
@@ -213,7 +214,7 @@ def correlation_congruence(s_emb, t_emb, gamma=0.4, order=2):
   (element-wise powers of the cosine matrix S of the l2-normalised rows). Follows the paper/Zoo
   kernel form, not RepDistiller's simplified "CC" (METHODS.md §2.8).
   """
-  if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+  if not is_int(order) or order < 0:
     raise ValueError(f"correlation_congruence: order must be an integer >= 0; got {order!r}")
   s, t = _embedding_pair("correlation_congruence", s_emb, t_emb)
   g = _f32(gamma)
@@ -433,7 +434,7 @@ def kd_svd(s_feats, t_feats, k=1):
   of jit-compiled steps on CPU.
   """
   fn = "kd_svd"
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+  if not is_int(k) or k < 1:
     raise ValueError(f"{fn}: k must be an integer >= 1; got {k!r}")
   s_feats, t_feats = list(s_feats), list(t_feats)
   if len(s_feats) != len(t_feats) or len(s_feats) < 2:
