@@ -35,6 +35,12 @@ flags.DEFINE_string("teacher_features", "", "Comma-separated layer names of a .k
                     "whose outputs are its feature maps (default: one per resolution).")
 flags.DEFINE_string("student_features", "", "Comma-separated layer names of a .keras student "
                     "whose outputs are its feature maps (default: one per resolution).")
+flags.DEFINE_string("peers", "", "Online methods (DML, KDCL): comma-separated nets trained "
+                    "together with the student, e.g. resnet20,wrn_16_2; each exported as "
+                    "TRAIN_DIR/peer<i>.keras.")
+flags.DEFINE_string("assistants", "", "Teacher-assistant chain (TAKD): comma-separated nets "
+                    "distilled in turn between the teacher and the student with --method, each in "
+                    "TRAIN_DIR/assistant<k>_<arch>.")
 flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
@@ -89,7 +95,7 @@ flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this m
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "teacher_features",
-           "student_features", "dataset", "data_dir", "fraction",
+           "student_features", "peers", "assistants", "dataset", "data_dir", "fraction",
            "image_size", "augment", "cache", "seed", "protocol", "epochs", "teacher_epochs",
            "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",

@@ -5,7 +5,8 @@ engine's own ``kd_tf2.engine.step.compile_step`` on a resnet8 pair, and:
 - every loss term is finite;
 - every trainable variable of the student and of the distiller (connectors, embeddings, ...)
   receives a finite gradient in some phase, and so does the peer of a method that trains its
-  "teacher" with the student (DML);
+  "teacher" with the student (DML), and so do the distiller's own nets (peers, branches, gates,
+  heads: its trainable variables);
 - a frozen teacher is in no phase's variables, gets no gradient and stays bit-identical (weights
   and BatchNorm statistics);
 - the main phase moves the student.
@@ -44,6 +45,8 @@ def _distiller(method, student, teacher):
                                      jit_compiled=lambda: False, protocol=lambda: "cifar")
   if cls.init_epochs is not None:
     hparams["init_epochs"] = 1  # every stage runs
+  if getattr(cls, "min_peers", 0):
+    hparams["peers"] = [_net(3)]  # online methods: a peer trained with the student
   return distillers.create(method, student, teacher if cls.reads_teacher() else None,
                            **hparams)
 

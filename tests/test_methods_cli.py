@@ -30,9 +30,11 @@ def teacher_dir(tmp_path_factory):
 def test_all_catalog_keys_are_registered():
   keys = {"none", "ST", "Logits", "AT", "FitNet", "NST", "PKT", "FSP", "FT", "RKD", "AB", "SP",
           "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML", "KD_SVD", "MHGD",
-          "DKD", "DIST", "ReviewKD"}
+          "DKD", "DIST", "ReviewKD", "ONE", "CL", "KDCL", "BYOT", "CSKD",
+          "OKDDip"}
   assert set(distillers.available()) == keys
-  for alias, key in (("kd", "ST"), ("soft_logits", "ST"), ("co", "OFD"), ("rEvIeWkD", "ReviewKD")):
+  for alias, key in (("kd", "ST"), ("soft_logits", "ST"), ("co", "OFD"), ("rEvIeWkD", "ReviewKD"),
+                     ("cs-kd", "CSKD")):
     assert distillers.canonical_name(alias) == key
 
 
@@ -42,8 +44,11 @@ def test_method_trains_one_epoch(method, teacher_dir, tmp_path):
   extra = {}
   if method in STAGED:
     extra["init_epochs"] = 1
-  if method not in PEER_TRAINED and method != "none":  # none reads no teacher (refused)
+  cls = distillers.get(method)
+  if method not in PEER_TRAINED and cls.reads_teacher():  # none, online methods: no teacher
     extra["teacher_ckpt"] = teacher_dir
+  if getattr(cls, "min_peers", 0):
+    extra["peers"] = "resnet8"
   results = engine.train(engine.TrainConfig(method=method, train_dir=train_dir, **COMMON, **extra))
   assert results["method"] == method
   assert math.isfinite(results["loss"]) and 0.0 <= results["top1"] <= 100.0

@@ -10,7 +10,8 @@ the only way to give each method its own peak. The child:
 
 1. builds the student and (when the method reads one) the teacher from ``nets`` for random
    ``[batch, size, size, 3]`` images of ``num_classes`` classes, the distiller with
-   ``kd_tf2.distillers.create`` (CRD gets the ``train_labels`` of a pretend ``train_size``-image
+   ``kd_tf2.distillers.create`` (methods with ``--peers`` get one peer of the student's
+   architecture; CRD gets the ``train_labels`` of a pretend ``train_size``-image
    training split, as the engine would pass them: its memory banks have that many rows), the
    engine's optimiser (``kd_tf2.engine.make_optimizer``, PyTorch's SGD), and compiles the step with
    the engine's own ``kd_tf2.engine.step.compile_step`` - the function ``train.py`` trains with
@@ -173,14 +174,17 @@ def _compile(step_fn, variables, jit_compile, loss_scale):
 
 def _method_step(method, nets_, config, loss_scale):
   """The compiled main-phase step of ``method`` on ``nets_`` (``UsageError`` if refused)."""
-  from kd_tf2 import distillers  # pylint: disable=import-outside-toplevel
+  from kd_tf2 import distillers, engine  # pylint: disable=import-outside-toplevel
   from kd_tf2.errors import UsageError  # pylint: disable=import-outside-toplevel
   cls = distillers.get(method)
   if config.jit_compile and cls.jit_unsupported:
     raise UsageError(f"{cls.method_name} cannot be compiled with XLA: {cls.jit_unsupported}")
   teacher = nets_.teacher if cls.reads_teacher() else None
+  peers = {}
+  if getattr(cls, "min_peers", 0):  # online methods with peers: one peer like the student
+    peers["peers"] = [engine.build_net(config.arch, config.num_classes, nets_.shape)]
   distiller = distillers.create(method, nets_.student, teacher, input_shape=nets_.shape,
-                                **_engine_hparams(cls, config))
+                                **_engine_hparams(cls, config), **peers)
   return _compile(distiller.train_step, distiller.variables_to_train(), config.jit_compile,
                   loss_scale)
 

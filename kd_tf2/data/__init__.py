@@ -96,7 +96,7 @@ def check_cache(cache):
 
 def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data_dir=None,
          shuffle=None, drop_remainder=None, image_size=None, input_context=None, cache="auto",
-         style=None):
+         style=None, pair_by_class=False):
   """Builds the input pipeline of one split; returns ``(tf.data.Dataset, Info)``.
 
   Args:
@@ -126,6 +126,8 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
       cifar10_mini are always in memory.
     style: ``auto``, ``imagenet`` or ``cifar`` overrides the style named by ``augment`` (e.g.
       ``augment=False, style="imagenet"``: the ImageNet evaluation transform on any split).
+    pair_by_class: follow every sample by a random sample of its class (CS-KD,
+      ``kd_tf2.data.paired``).
   """
   if not is_int(seed) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
@@ -183,7 +185,8 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
                                       sharded=input_context is not None)
   ds = pipeline.build(source, indices, batch_size=batch_size, mean=mean, std=std, seed=seed,
                       shuffle=shuffle, augment=augment, drop_remainder=drop_remainder,
-                      style=style, size=size, rows=rows, image_rows=image_rows)
+                      style=style, size=size, rows=rows, image_rows=image_rows,
+                      pair_by_class=pair_by_class)
   batch_size = batch_size if rows is None else rows[2]
   info = Info(name=name, split=split, num_classes=num_classes, class_names=data.class_names,
               class_counts=counts, num_examples=num_examples, split_size=len(data.labels),

@@ -26,7 +26,7 @@ buffer of ``SHUFFLE_BUFFER`` samples.
 import numpy as np
 import tensorflow as tf
 
-from kd_tf2.data import sources, transforms
+from kd_tf2.data import paired, sources, transforms
 
 PAD = 4
 SHUFFLE_BUFFER = 4096   # samples held by the shuffle of a TFRecord stream
@@ -76,7 +76,7 @@ def _count(image):
 
 
 def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, drop_remainder,
-          style="cifar", size=None, rows=None, image_rows=None):
+          style="cifar", size=None, rows=None, image_rows=None, pair_by_class=False):
   """A one-pass ``tf.data.Dataset`` of ``{"image", "label", "index"}`` batches.
 
   source: a ``sources.Listing`` (memory, files or records); indices: sorted int64 [M], the
@@ -115,6 +115,11 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
     buffer = len(indices)
   if shuffle:
     ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+  if pair_by_class:  # CS-KD: [anchor, partner of its class, ...] (kd_tf2.data.paired)
+    if source.kind == "records":
+      raise ValueError("class-paired batches (CS-KD) need random access to the samples: a folder "
+                       "or in-memory data, not a TFRecord stream")
+    ds = paired.class_partners(ds, source.labels, indices, payload, shuffle_seed + 1)
   if augment:
     randoms = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip(ds, randoms)

@@ -127,7 +127,7 @@ def create(method, student, teacher, *, input_shape=(32, 32, 3), **hparams):
                      f"accepted: {', '.join(accepted)}")
   if teacher is not None:
     teacher.trainable = False
-  elif cls.reads_teacher(hparams.get("kd_weight")):
+  elif cls.reads_teacher(hparams.get("kd_weight")) and not hparams.get("peers"):
     raise UsageError(f"method {cls.method_name} needs a teacher")
   distiller = cls(student, teacher, **hparams)
   return distiller.setup(input_shape)

@@ -261,6 +261,12 @@ class Distiller(keras.layers.Layer):
     (written as ``TRAIN_DIR/<name>.keras``; e.g. DML's peer)."""
     return {}
 
+  def eval_models(self):
+    """Nets besides the student whose test accuracy is logged every epoch and reported:
+    ``{name: model}``, each ``model(images, training=False) -> logits`` (default: the exports;
+    online methods add their branches and ensemble)."""
+    return self.extra_exports()
+
   @classmethod
   def reads_teacher(cls, kd_weight=None):
     """Whether a run of this method reads a teacher: the method uses one, or the KD term is on

@@ -19,6 +19,11 @@ the peer is trained. ``variables_to_train`` includes the peer's variables. The p
 (``pretrained_teacher = False``: the engine should neither load nor pre-train it), must be
 checkpointed with the run and exported beside the student (``extra_exports()``).
 
+Cohorts (the paper's eq. 10, K >= 2 nets): with ``peers`` (``--peers=arch1,arch2``) the teacher
+slot stays empty and every net k gets CE + w * (1/(K-1)) sum_{l != k} KL(p_l || p_k)
+(``kd_tf2.losses.cohort_kl``); with one peer this is the two-net loss above. The peers are
+sub-layers of the distiller (checkpointed with it), exported as ``peer<i>.keras``.
+
 Per replica: each replica computes both losses on its own batch; nothing is batch-relational.
 """
 import tensorflow as tf
@@ -32,21 +37,35 @@ from kd_tf2.errors import UsageError
 
 @register("DML")
 class DML(Distiller):
-  """{"dml": w * KL(p_peer || p_s), "peer_ce": r * CE(z_p), "peer_dml": w * KL(p_s || p_peer)}."""
+  """{"dml": w * KL(p_peer || p_s), "peer_ce": r * CE(z_p), "peer_dml": w * KL(p_s || p_peer)};
+  with ``peers`` (a cohort of K >= 1 peers): {"dml": w * cohort_kl(student),
+  "peer<i>_ce", "peer<i>_dml": w * cohort_kl(peer i)}."""
   method_weight = 1.0
   pretrained_teacher = False  # the peer trains from its initialisation, with the student
 
-  def __init__(self, student, teacher, **kwargs):
+  def __init__(self, student, teacher, *, peers=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    teacher.trainable = True  # create() froze it; here it is the peer, trained with the student
+    peers = list(peers or [])
+    if peers and teacher is not None:
+      raise ValueError("DML: pass either a teacher-slot peer or peers, not both")
+    if not peers and teacher is None:
+      raise UsageError("method DML needs a peer: --teacher_arch (one peer) or --peers")
+    for p in peers or [teacher]:
+      p.trainable = True  # create() froze the teacher slot; here every net is trained
+    self.peers = peers  # tracked: checkpointed and optimised with the distiller
+    self._names = ["peer"] if not peers else [f"peer{i}" for i in range(1, len(peers) + 1)]
 
   @property
   def peer(self):
-    """The second network (passed as the teacher)."""
-    return self.teacher
+    """The first peer (the teacher slot without --peers)."""
+    return self.cohort()[1]
+
+  def cohort(self):
+    """[student, peer(s)]: every net trained."""
+    return [self.student] + (list(self.peers) or [self.teacher])
 
   def variables_to_train(self):
-    """Student, peer and distiller trainables (each once)."""
+    """Student, peers and distiller trainables (each once)."""
     seen, out = set(), []
     for v in (list(self.student.trainable_variables) + list(self.peer.trainable_variables)
               + list(self.trainable_variables)):
@@ -56,28 +75,32 @@ class DML(Distiller):
     return out
 
   def extra_exports(self):
-    """Networks the engine exports beside the student: ``{"peer": model}``."""
-    return {"peer": self.peer}
+    """Networks the engine exports beside the student: ``{"peer": model}`` or ``peer<i>``."""
+    return dict(zip(self._names, self.cohort()[1:]))
 
   def build_connectors(self, s, t):
-    if s.logits.shape[-1] != t.logits.shape[-1]:
-      raise UsageError(f"DML needs the same classes in both nets: {_arch(self.student)} has "
-                       f"{s.logits.shape[-1]}, the peer {_arch(self.peer)} has "
-                       f"{t.logits.shape[-1]}")
+    for name, p in zip(self._names, self.cohort()[1:]):
+      if s.logits.shape[-1] != p.num_classes:
+        raise UsageError(f"DML needs the same classes in every net: {_arch(self.student)} has "
+                         f"{s.logits.shape[-1]}, the {name} {_arch(p)} has {p.num_classes}")
 
   def terms(self, s, t, batch, *, training=True):
+    if t is None:
+      return {}
     return {"dml": self.method_weight * kd_losses.dml_kl(s.logits, t.logits)}
 
   def train_step(self, batch, ctx):
     images, labels = batch["image"], batch["label"]
     with tf.GradientTape() as tape:
-      s = self.student_outputs(images, training=True)
-      p = as_float32(self.peer(images, training=True, features=True))
-      p_const = tf.nest.map_structure(tf.stop_gradient, p)
-      terms = self.total_terms(s, p_const, batch, training=True)
-      terms["peer_ce"] = self.ce_weight * self.cross_entropy(p.logits, labels)
-      terms["peer_dml"] = self.method_weight * kd_losses.dml_kl(p.logits,
-                                                                 tf.stop_gradient(s.logits))
+      outs = [as_float32(n(images, training=True, features=True)) for n in self.cohort()]
+      logits = [o.logits for o in outs]
+      terms = self.total_terms(outs[0], tf.nest.map_structure(tf.stop_gradient, outs[1]),
+                               batch, training=True)
+      if len(outs) > 2:
+        terms["dml"] = self.method_weight * kd_losses.cohort_kl(logits, 0)
+      for k, name in enumerate(self._names, start=1):
+        terms[f"{name}_ce"] = self.ce_weight * self.cross_entropy(logits[k], labels)
+        terms[f"{name}_dml"] = self.method_weight * kd_losses.cohort_kl(logits, k)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
-    return StepOutput(terms, s.logits)
+    return StepOutput(terms, logits[0])

@@ -50,6 +50,8 @@ class TrainConfig:
   teacher_ckpt: str = ""
   teacher_features: str = ""
   student_features: str = ""
+  peers: str = ""
+  assistants: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -105,6 +107,8 @@ def validate(config):
   c = config
   method = distillers.canonical_name(c.method)
   arch = _net_name("arch", c.arch)
+  peers = _peers(c.peers, method)
+  assistants = _assistants(c.assistants, method)
   if c.teacher_arch:
     teacher_arch = _net_name("teacher_arch", c.teacher_arch)
   else:  # read from --teacher_ckpt; the default net when the teacher is trained here
@@ -159,13 +163,14 @@ def validate(config):
   if c.init_epochs is not None and cls.init_epochs is None:
     raise UsageError(f"--init_epochs={c.init_epochs}: method {method} has no init stage "
                      f"(methods with one: {', '.join(distillers.with_stages())})")
-  if c.teacher_ckpt and not needs_teacher(c.replace(method=method)):
+  if c.teacher_ckpt and not needs_teacher(c.replace(method=method, peers=peers)):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} reads no teacher (it "
                      "would be ignored); drop the flag, or set --kd_weight > 0 to distil with it")
   if c.teacher_ckpt and not cls.pretrained_teacher:
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch or 'teacher'} peer from scratch together with the student; "
                      "drop the flag")
+  c = c.replace(peers=peers, assistants=assistants)
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs, protocol=protocol, augment=augment,
                    cache=cache,
@@ -186,6 +191,38 @@ DEFAULT_TEACHER = "resnet32x4"
 def is_model_file(name):
   """Whether a net name is a Keras model file (``PATH.keras``) rather than a zoo name."""
   return isinstance(name, str) and name.strip().lower().endswith(".keras")
+
+
+def _assistants(value, method):
+  """``--assistants``: comma list of nets between teacher and student (TAKD chains)."""
+  if not isinstance(value, str):
+    raise UsageError(f"--assistants={value!r}: must be a comma-separated list of nets")
+  names = [_net_name("assistants", n) for n in value.split(",") if n.strip()]
+  cls = distillers.get(method)
+  if names and not (cls.pretrained_teacher and cls.reads_teacher()):
+    raise UsageError(f"--assistants={value}: method {method} does not distil from a trained "
+                     "teacher; chains need an offline method (e.g. ST, AT, DKD)")
+  return ",".join(names)
+
+
+def _peers(value, method):
+  """``--peers``: comma list of zoo nets -> canonical comma list; refused for methods without
+  peers, required by methods that need some (``min_peers``)."""
+  if not isinstance(value, str):
+    raise UsageError(f"--peers={value!r}: must be a comma-separated list of nets")
+  names = [_net_name("peers", n) for n in value.split(",") if n.strip()] if value.strip() else []
+  cls = distillers.get(method)
+  takes = "peers" in cls.accepted_hparams()
+  if names and not takes:
+    with_peers = [m for m in distillers.available()
+                  if "peers" in distillers.get(m).accepted_hparams()]
+    raise UsageError(f"--peers={value}: method {method} trains no peers (methods with peers: "
+                     f"{', '.join(with_peers)})")
+  need = getattr(cls, "min_peers", 0)
+  if len(names) < need:
+    raise UsageError(f"--peers={value!r}: method {method} needs at least {need} peer net(s), "
+                     "e.g. --peers=resnet20")
+  return ",".join(names)
 
 
 def _net_name(flag, name):
@@ -222,12 +259,17 @@ def default_train_dir(c, method, arch, teacher_arch):
   data = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(c.dataset.rstrip("/\\")) or "data")
   teacher = net_label(teacher_arch) or net_label(c.teacher_ckpt) or "teacher"
   pair = net_label(arch) if method == "none" else f"{teacher}_{net_label(arch)}"
+  if not needs_teacher(c.replace(method=method)):
+    pair = "_".join([net_label(arch)] + [p for p in c.peers.split(",") if p])
   return os.path.join("runs", data, f"{method}_{pair}_seed{c.seed}")
 
 
 def needs_teacher(config):
   """Whether the run reads a teacher (the method uses one, or ``--kd_weight`` turns KD on)."""
-  return distillers.get(config.method).reads_teacher(config.kd_weight)
+  cls = distillers.get(config.method)
+  if config.peers and not cls.pretrained_teacher:
+    return False  # the --peers replace the teacher slot's peer (DML cohorts)
+  return cls.reads_teacher(config.kd_weight)
 
 
 def teacher_source(config):
@@ -309,8 +351,8 @@ def settings(config):
 # What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
 # training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
 # The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
-TEACHER_RESETS = ("teacher_ckpt", "teacher_epochs", "init_epochs", "lr", "ce_weight", "kd_weight",
-                  "method_weight", "temperature")
+TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "teacher_epochs", "init_epochs", "lr",
+                  "ce_weight", "kd_weight", "method_weight", "temperature")
 
 
 def teacher_config(config, train_dir=None):

@@ -198,6 +198,9 @@ class Trainer:
       self.best = tf.Variable([-1.0, 0.0], dtype=tf.float64, trainable=False, name="best")
     self.total_epochs = sum(p.epochs for p in self.phases)
     self.evaluator = Evaluator(student, strategy)
+    # the other trained nets of an online method (peers, branches, ensemble), logged every epoch
+    self.extra_evaluators = {name: Evaluator(model, strategy)
+                             for name, model in distiller.eval_models().items()}
     self._steps = {}
     # Variables are listed explicitly: TF's object graph does not follow the Python lists in which
     # Keras models keep nested layers (a net's blocks), so Checkpoint(student=model) would silently
@@ -382,6 +385,8 @@ class Trainer:
         stats = self._train_epoch(phase, epoch, local, skip, stop)
         skip = 0
         test = self.evaluator(self.test_data)
+        for name, evaluator in self.extra_evaluators.items():
+          test[f"{name}_top1"] = evaluator(self.test_data)["top1"]
         last = test
         if phase.name == MAIN:
           speeds.append(stats["images_per_sec"])
@@ -398,13 +403,13 @@ class Trainer:
     return {"top1": last["top1"], "top5": last["top5"], "loss": last["loss"], "n": last["n"],
             "best_top1": best_top1, "best_epoch": int(best_epoch),
             "epochs": self.total_epochs,
-            "images_per_sec": float(np.mean(steady)) if steady else None}
+            "images_per_sec": float(np.mean(steady)) if steady else None,
+            **{k: v for k, v in last.items() if k.endswith("_top1") and k != "best_top1"}}
 
   def _log(self, phase, epoch, lr, stats, test):
     p = phase.name
     values = {f"{p}/{k}": v for k, v in stats.items()}
-    values.update({f"{p}/lr": lr, "test/top1": test["top1"], "test/top5": test["top5"],
-                   "test/loss": test["loss"]})
+    values.update({f"{p}/lr": lr, **{f"test/{k}": v for k, v in test.items() if k != "n"}})
     if self.summaries is not None:
       self.summaries.scalars(epoch + 1, values)
     if self.metrics_sink is not None:
@@ -412,7 +417,9 @@ class Trainer:
                              **{f"test/{k}": v for k, v in test.items()}))
     terms = " ".join(f"{k[len('train/'):]} {v:.4g}" for k, v in stats.items()
                      if k.startswith("train/") and k != "train/top1")
+    extra = "".join(f" | {k[:-len('_top1')]} {v:.2f}" for k, v in test.items()
+                    if k.endswith("_top1"))
     say(f"epoch {epoch + 1}/{self.total_epochs} [{p}] {terms} | train top1 "
         f"{stats['train/top1']:.2f} | test top1 {test['top1']:.2f} top5 {test['top5']:.2f} "
-        f"loss {test['loss']:.4f} | lr {lr:.4g} | {stats['images_per_sec']:.0f} img/s "
+        f"loss {test['loss']:.4f}{extra} | lr {lr:.4g} | {stats['images_per_sec']:.0f} img/s "
         f"{stats['epoch_time_s']:.1f}s | run ETA {_clock(self._eta(epoch + 1, 0))}", self.verbose)

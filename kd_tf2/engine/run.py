@@ -101,6 +101,15 @@ def check_execution(config, replicas):
                      "BatchNorm all-reduces inside the compiled per-replica step, which TF 2.21 "
                      "refuses (merge_call in a nested tf.function); use one replica or drop "
                      "--jit_compile")
+  if getattr(distillers.get(config.method), "paired_batches", False) and (
+      config.batch_size // replicas) % 2:
+    raise UsageError(f"--batch_size={config.batch_size}: method {config.method} trains on "
+                     f"anchor/partner pairs, so each of the {replicas} replica(s) needs an even "
+                     f"share of the batch; use a multiple of {2 * replicas}")
+  if getattr(distillers.get(config.method), "paired_batches", False) and (
+      config.strategy == "multi_worker"):
+    raise UsageError(f"--strategy=multi_worker: method {config.method}'s class-paired batches "
+                     "are not built by the sharded input pipeline; use one worker")
   reason = distillers.get(config.method).jit_unsupported
   if config.jit_compile and reason:
     raise UsageError(f"--jit_compile: method {config.method} cannot be compiled with XLA: {reason}")
@@ -120,9 +129,11 @@ class _Job:
     keras.utils.set_random_seed(c.seed)
     # Under multi-worker this pipeline only describes the data (each worker streams its shard).
     sharded = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    paired = getattr(distillers.get(c.method), "paired_batches", False)  # CS-KD
     self.train_ds, self.info = _load_data(
         c, "train", c.batch_size, fraction=c.fraction, seed=c.seed,
-        cache="none" if sharded and c.cache == "auto" else c.cache)
+        cache="none" if sharded and c.cache == "auto" else c.cache,
+        **({"pair_by_class": True} if paired else {}))
     self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
     self.input_shape = self.info.image_shape
     self.chief = is_chief(self.strategy)
@@ -177,8 +188,12 @@ class _Job:
         teacher = models.build_net(c.teacher_arch, self.info.num_classes, self.input_shape,
                                    synchronized_bn=sync, features=c.teacher_features,
                                    flag="--teacher_arch")
+      peers = {}
+      if c.peers:  # further nets trained with the student (online methods), built like it
+        peers["peers"] = [models.build_net(a, self.info.num_classes, self.input_shape,
+                                           synchronized_bn=sync) for a in c.peers.split(",")]
       distiller = distillers.create(c.method, student, teacher, input_shape=self.input_shape,
-                                    **self.hparams, **self._engine_hparams)
+                                    **self.hparams, **self._engine_hparams, **peers)
     return student, teacher, distiller
 
   def train_teacher(self):
@@ -249,7 +264,7 @@ class _Job:
                    augment_style=self.info.style,
                    class_names=[str(name) for name in self.info.class_names])
     extra = distiller.extra_exports()
-    for name, model in extra.items():
+    for name, model in distiller.eval_models().items():
       results[f"{name}_top1"] = Evaluator(model, self.strategy)(self.test_ds)["top1"]
     if self.chief:
       models.export(student, run, self.input_shape, keras_file=keras_file, info=self.info)
@@ -266,6 +281,9 @@ def train(config, flags=None):
   last-epoch ``top1``/``top5``/``loss``/``n`` on the evaluation split, ``best_top1`` and
   ``best_epoch``, ``images_per_sec``, ``teacher_top1``, paths of the exports.
   """
+  if config.assistants:  # teacher -> assistants -> student, one run per link
+    from kd_tf2.engine import chain  # pylint: disable=import-outside-toplevel
+    return chain.train_chain(config, train, flags)
   job = _Job(config)
   if job.state == DONE:
     results = job.run.results()

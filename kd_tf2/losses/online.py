@@ -1,0 +1,110 @@
+"""Losses of online distillation (nets trained together, no frozen teacher) and self-distillation.
+
+Pure functions, logits [B, K] in, float32 scalar out. "KL(p || q)" is the batch mean of
+sum_k p (log p - log q); the distribution on the left is the (detached) target.
+"""
+import tensorflow as tf
+
+from kd_tf2.losses.logits import _f32, _kl_batchmean, soft_target
+
+__all__ = ["cohort_kl", "gate_ensemble", "one_loss", "collaborative_kl", "scale_gradient",
+           "kdcl_min_logit", "kdcl_naive", "cs_kd", "attention_targets", "okddip_peer_kl"]
+
+
+def cohort_kl(logits, k):
+  """DML cohort term of net ``k``: Zhang et al., "Deep Mutual Learning", CVPR 2018,
+  arXiv:1706.00384, eq. 10: (1 / (K-1)) * sum_{l != k} KL(p_l || p_k), plain softmax.
+
+  logits: list of K >= 2 tensors [B, C]; the other nets' logits are constants.
+  """
+  others = [tf.stop_gradient(_f32(z)) for i, z in enumerate(logits) if i != k]
+  log_q = tf.nn.log_softmax(_f32(logits[k]), axis=-1)
+  kls = [_kl_batchmean(tf.nn.log_softmax(z, axis=-1), log_q) for z in others]
+  return tf.add_n(kls) / float(len(others))
+
+
+def gate_ensemble(branch_logits, gate):
+  """ONE's ensemble: z_e = sum_i g_i z_i. branch_logits: list of m [B, C]; gate: [B, m]
+  (softmax weights per sample). Returns [B, C]."""
+  stacked = tf.stack([_f32(z) for z in branch_logits], axis=1)  # [B, m, C]
+  return tf.reduce_sum(stacked * _f32(gate)[:, :, None], axis=1)
+
+
+def one_loss(branch_logits, ensemble_logits, temperature=3.0):
+  """ONE distillation term: Lan, Zhu, Gong, NeurIPS 2018, arXiv:1806.04606, eq. 5:
+  sum_i T^2 * KL(softmax(z_e / T) || softmax(z_i / T)), the ensemble detached (T = 3).
+
+  branch_logits: list of m [B, C]; ensemble_logits: [B, C]. The CE terms of ONE's eq. 6 are
+  plain cross-entropies, added by the distiller.
+  """
+  return tf.add_n([soft_target(z, ensemble_logits, temperature) for z in branch_logits])
+
+
+def collaborative_kl(head_logits, h, temperature=2.0):
+  """CL soft-target term of head ``h``: Song & Chai, NeurIPS 2018, arXiv:1805.11761, eq. 3-4:
+  T^2 * KL(q_h || softmax(z_h / T)) with q_h = mean_{j != h} softmax(z_j / T), the other heads'
+  targets detached. head_logits: list of H >= 2 [B, C]."""
+  temp = _f32(temperature)
+  others = [tf.nn.softmax(tf.stop_gradient(_f32(z)) / temp, axis=-1)
+            for j, z in enumerate(head_logits) if j != h]
+  target = tf.add_n(others) / float(len(others))
+  log_target = tf.math.log(tf.maximum(target, 1e-30))
+  log_q = tf.nn.log_softmax(_f32(head_logits[h]) / temp, axis=-1)
+  return temp * temp * _kl_batchmean(log_target, log_q)
+
+
+def scale_gradient(x, scale):
+  """Identity forward, gradient times ``scale`` backward (CL's backpropagation rescaling 1/H at
+  the split point, Song & Chai sec. 3.3)."""
+  return x * scale + tf.stop_gradient(x * (1.0 - scale))
+
+
+def kdcl_min_logit(logits, labels):
+  """KDCL-MinLogit teacher: Guo et al., "Online Knowledge Distillation via Collaborative
+  Learning", CVPR 2020, sec. 3.2: each net's logits minus its own target-class logit, element-wise
+  minimum over the nets: z_t[c] = min_m (z_m[c] - z_m[y]). logits: list of M [B, C]; labels [B].
+  Returns [B, C], detached."""
+  labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+  centred = []
+  for z in logits:
+    z = _f32(z)
+    target = tf.gather(z, labels, axis=1, batch_dims=1)  # [B]
+    centred.append(z - target[:, None])
+  return tf.stop_gradient(tf.reduce_min(tf.stack(centred, axis=0), axis=0))
+
+
+def kdcl_naive(logits, labels):
+  """KDCL-Naive teacher (Guo et al. CVPR 2020, sec. 3.2): per sample, the logits of the net with
+  the lowest cross-entropy. logits: list of M [B, C]; labels [B]. Returns [B, C], detached."""
+  labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+  stacked = tf.stack([_f32(z) for z in logits], axis=0)  # [M, B, C]
+  ce = tf.stack([tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=z)
+                 for z in tf.unstack(stacked)], axis=0)  # [M, B]
+  best = tf.argmin(ce, axis=0, output_type=tf.int32)  # [B]
+  picked = tf.gather(tf.transpose(stacked, [1, 0, 2]), best, axis=1, batch_dims=1)  # [B, C]
+  return tf.stop_gradient(picked)
+
+
+def cs_kd(anchor_logits, partner_logits, temperature=4.0):
+  """CS-KD class-wise term: Yun, Park, Lee, Shin, CVPR 2020, arXiv:2003.13964, eq. 2:
+  T^2 * KL(softmax(z_partner / T) || softmax(z_anchor / T)), the partner (another sample of the
+  same class) detached, T = 4. anchor_logits, partner_logits: [B/2, C]."""
+  return soft_target(anchor_logits, partner_logits, temperature)
+
+
+def attention_targets(logits, queries, keys):
+  """OKDDip's peer targets: Chen et al., AAAI 2020, arXiv:1912.00350, sec. 3.2:
+  a_ij = softmax_j(q_i . k_j), t_i = sum_j a_ij z_j. logits [B, m, K] (detached here),
+  queries, keys [B, m, d]. Returns [B, m, K]; the attention keeps its gradient."""
+  energy = tf.matmul(_f32(queries), _f32(keys), transpose_b=True)  # [B, m, m]
+  return tf.matmul(tf.nn.softmax(energy, axis=-1), tf.stop_gradient(_f32(logits)))
+
+
+def okddip_peer_kl(targets, logits, temperature=3.0):
+  """OKDDip first-level term: T^2 sum_i KL(softmax(t_i/T) || softmax(z_i/T)), batch mean;
+  targets, logits [B, m, K]; the targets keep their gradient (the attention learns from it)."""
+  temp = _f32(temperature)
+  log_p = tf.nn.log_softmax(_f32(targets) / temp, axis=-1)
+  log_q = tf.nn.log_softmax(_f32(logits) / temp, axis=-1)
+  per_row = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=[1, 2])
+  return temp * temp * tf.reduce_mean(per_row)

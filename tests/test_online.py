@@ -1,0 +1,406 @@
+"""Online methods (DML cohorts, KDCL, ONE, CL): losses against NumPy versions of the papers'
+formulas, the methods' terms against the same formulas on their own nets, branch export,
+checkpoint + resume of every net, bad input."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+import nets
+from nets import branched as nb
+from kd_tf2 import distillers
+from kd_tf2 import losses as L
+from kd_tf2.engine import Trainer
+from kd_tf2.engine import config as cfg
+from kd_tf2.errors import UsageError
+
+SHAPE, CLASSES = (32, 32, 3), 10
+
+
+# ------------------------------------------------------------------------------ NumPy references
+def np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_kl(p, log_q):
+  """batch mean of sum_k p (log p - log q)."""
+  return float(np.sum(np.where(p > 0, p * (np.log(np.maximum(p, 1e-30)) - log_q), 0.0))
+               / p.shape[0])
+
+
+def np_soft(z, t=1.0):
+  return np.exp(np_log_softmax(z / t))
+
+
+def np_ce(z, y):
+  return float(-np.mean(np_log_softmax(z)[np.arange(len(y)), y]))
+
+
+def logits(rng, n=3, b=6):
+  return [rng.normal(size=(b, CLASSES)).astype(np.float32) * 3 for _ in range(n)]
+
+
+def test_cohort_kl_is_dml_eq10():
+  rng = np.random.default_rng(0)
+  zs, k = logits(rng), 1
+  want = np.mean([np_kl(np_soft(zs[l]), np_log_softmax(zs[k])) for l in (0, 2)])
+  assert float(L.cohort_kl(zs, k)) == pytest.approx(want, rel=1e-5)
+  # two nets: the existing DML term
+  assert float(L.cohort_kl(zs[:2], 0)) == pytest.approx(float(L.dml_kl(zs[0], zs[1])), rel=1e-6)
+
+
+def test_one_ensemble_and_distillation_are_eq5():
+  rng = np.random.default_rng(1)
+  zs = logits(rng)
+  gate = np_soft(rng.normal(size=(6, 3)))
+  ens = sum(gate[:, i:i + 1] * zs[i] for i in range(3))
+  np.testing.assert_allclose(L.gate_ensemble(zs, gate).numpy(), ens, rtol=1e-5, atol=1e-6)
+  t = 3.0
+  want = sum(t * t * np_kl(np_soft(ens, t), np_log_softmax(z / t)) for z in zs)
+  assert float(L.one_loss(zs, ens, t)) == pytest.approx(want, rel=1e-5)
+
+
+def test_one_loss_does_not_teach_the_ensemble():
+  rng = np.random.default_rng(2)
+  zs = [tf.constant(z) for z in logits(rng)]
+  ens = tf.Variable(rng.normal(size=(6, CLASSES)).astype(np.float32))
+  with tf.GradientTape() as tape:
+    loss = L.one_loss(zs, ens.read_value(), 3.0)
+  assert tape.gradient(loss, ens) is None
+
+
+def test_collaborative_kl_is_cl_eq4():
+  rng = np.random.default_rng(3)
+  zs, t = logits(rng), 2.0
+  for h in range(3):
+    target = np.mean([np_soft(zs[j], t) for j in range(3) if j != h], axis=0)
+    want = t * t * np_kl(target, np_log_softmax(zs[h] / t))
+    assert float(L.collaborative_kl(zs, h, t)) == pytest.approx(want, rel=1e-5)
+
+
+def test_scale_gradient_is_identity_forward_and_scales_backward():
+  x = tf.Variable([1.0, -2.0, 3.0])
+  with tf.GradientTape() as tape:
+    y = L.scale_gradient(x.read_value(), 0.25)
+    loss = tf.reduce_sum(y * y)
+  np.testing.assert_allclose(y.numpy(), x.numpy())
+  np.testing.assert_allclose(tape.gradient(loss, x).numpy(), 0.25 * 2 * x.numpy(), rtol=1e-6)
+
+
+def test_kdcl_ensembles():
+  rng = np.random.default_rng(4)
+  zs = logits(rng)
+  y = rng.integers(0, CLASSES, size=6)
+  rows = np.arange(6)
+  want = np.min([z - z[rows, y][:, None] for z in zs], axis=0)
+  np.testing.assert_allclose(L.kdcl_min_logit(zs, y).numpy(), want, rtol=1e-6, atol=1e-6)
+  assert np.all(np.abs(want[rows, y]) < 1e-6)  # the target logit of the teacher is 0
+  ce = np.stack([-np_log_softmax(z)[rows, y] for z in zs])  # [M, B]
+  best = ce.argmin(0)
+  np.testing.assert_allclose(L.kdcl_naive(zs, y).numpy(), np.stack(zs)[best, rows], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ methods on nets
+def net(arch="resnet8", seed=0):
+  keras.utils.set_random_seed(seed)
+  n = nets.create(arch, CLASSES)
+  n.build((None,) + SHAPE)
+  return n
+
+
+def batch(b=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": tf.constant(rng.normal(size=(b,) + SHAPE).astype(np.float32)),
+          "label": tf.constant(np.arange(b) % CLASSES, tf.int64),
+          "index": tf.range(b, dtype=tf.int64)}
+
+
+def test_one_terms_follow_eq6_on_its_branches():
+  d = distillers.create("ONE", net(seed=1), None)
+  assert d.num_branches == 3 and d.temperature == 3.0
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  shared = d.shared(b["image"], False)
+  zs = [o.logits.numpy() for o in d.branch_outputs(shared, False)]
+  pooled = shared[0].numpy().mean(axis=(1, 2))
+  w, bias = (v.numpy() for v in d.gate.weights)
+  gate = np_soft(pooled @ w + bias)
+  ens = sum(gate[:, i:i + 1] * zs[i] for i in range(3))
+  y = b["label"].numpy()
+  assert float(terms["ce"]) == pytest.approx(np_ce(zs[0], y), rel=1e-5)
+  assert float(terms["branch_ce"]) == pytest.approx(np_ce(zs[1], y) + np_ce(zs[2], y), rel=1e-5)
+  assert float(terms["ensemble_ce"]) == pytest.approx(np_ce(ens, y), rel=1e-5)
+  want = sum(9.0 * np_kl(np_soft(ens, 3.0), np_log_softmax(z / 3.0)) for z in zs)
+  assert float(terms["one"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_branches_share_the_trunk_and_export_as_plain_nets(tmp_path):
+  student = net(seed=1)
+  d = distillers.create("ONE", student, None)
+  x = batch()["image"]
+  # the branches differ (own last stage) but read the student's trunk
+  views = d.eval_models()
+  z1 = views["branch1"](x).numpy()
+  assert not np.allclose(z1, student(x, training=False).numpy())
+  exported = d.extra_exports()["branch1"]
+  path = str(tmp_path / "branch1.keras")
+  exported.save(path)
+  loaded = keras.saving.load_model(path, compile=False)
+  np.testing.assert_allclose(loaded(x, training=False).numpy(), z1, rtol=1e-5, atol=1e-5)
+  # the clones' own trunk is frozen: never optimised
+  trunk_ids = {id(v) for layer in nb.trunk_layers(d.clones[0], d.split) for v in layer.weights}
+  assert not trunk_ids & {id(v) for v in d.variables_to_train()}
+
+
+def test_cl_terms_and_gradient_rescaling():
+  d = distillers.create("CL", net(seed=1), None, branches=3)
+  assert (d.ce_weight, d.method_weight, d.temperature) == (0.5, 0.5, 2.0)
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  zs = [o.logits.numpy() for o in d.branch_outputs(d.shared(b["image"], False), False)]
+  y = b["label"].numpy()
+  kl = 0.0
+  for h in range(3):
+    target = np.mean([np_soft(zs[j], 2.0) for j in range(3) if j != h], axis=0)
+    kl += 4.0 * np_kl(target, np_log_softmax(zs[h] / 2.0))
+  assert float(terms["cl"]) == pytest.approx(0.5 * kl, rel=1e-4)
+  assert float(terms["head_ce"]) == pytest.approx(0.5 * (np_ce(zs[1], y) + np_ce(zs[2], y)),
+                                                  rel=1e-5)
+  # the trunk's gradient is 1/H of the plain sum of the heads' gradients
+  stem = d.student.conv1.kernel
+  with tf.GradientTape(persistent=True) as tape:
+    scaled, _ = d.all_terms(b["image"], b["label"], False)
+    plain_shared = nb.trunk(d.student, b["image"], False, d.split)
+    outs = [nb.branch(n, plain_shared, False, d.split) for n in d.branch_nets()]
+    plain_kl = tf.add_n([L.collaborative_kl([o.logits for o in outs], h, 2.0) for h in range(3)])
+    plain = 0.5 * tf.add_n([d.cross_entropy(o.logits, b["label"]) for o in outs]) + 0.5 * plain_kl
+    scaled_loss = tf.add_n(list(scaled.values()))
+  np.testing.assert_allclose(tape.gradient(scaled_loss, stem).numpy(),
+                             tape.gradient(plain, stem).numpy() / 3.0, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("ensemble", ["minlogit", "naive"])
+def test_kdcl_terms_on_mixed_architectures(ensemble):
+  d = distillers.create("KDCL", net(seed=1), None, peers=[net("wrn_16_1", seed=2)],
+                        ensemble=ensemble)
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  zs = [o.logits.numpy() for o in d.cohort_outputs(b["image"], False)]
+  y = b["label"].numpy()
+  rows = np.arange(len(y))
+  if ensemble == "minlogit":
+    target = np.min([z - z[rows, y][:, None] for z in zs], axis=0)
+  else:
+    target = np.stack(zs)[np.stack([-np_log_softmax(z)[rows, y] for z in zs]).argmin(0), rows]
+  for name, z in zip(["", "peer1_"], zs):
+    assert float(terms[f"{name}ce"]) == pytest.approx(np_ce(z, y), rel=1e-5)
+    want = 4.0 * np_kl(np_soft(target, 2.0), np_log_softmax(z / 2.0))
+    assert float(terms[f"{name}kdcl"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_dml_cohort_terms_are_eq10():
+  d = distillers.create("DML", net(seed=1), None, peers=[net(seed=2), net(seed=3)])
+  assert set(d.extra_exports()) == {"peer1", "peer2"}
+  from kd_tf2.distillers.base import StepContext
+  from kd_tf2.engine import make_optimizer
+  b = batch()
+  zs = [n(b["image"], training=True).numpy() for n in d.cohort()]
+  v = d.variables_to_train()
+  out = d.train_step(b, StepContext(make_optimizer(0.01, v), v))
+  for k, name in enumerate(["dml", "peer1_dml", "peer2_dml"]):
+    want = np.mean([np_kl(np_soft(zs[l]), np_log_softmax(zs[k])) for l in range(3) if l != k])
+    assert float(out.terms[name]) == pytest.approx(want, rel=1e-4)
+  assert float(out.terms["peer2_ce"]) == pytest.approx(np_ce(zs[2], b["label"].numpy()),
+                                                       rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ resume
+def _data(n, bs, seed):
+  rng = np.random.default_rng(seed)
+  return tf.data.Dataset.from_tensor_slices(
+      {"image": rng.normal(size=(n,) + SHAPE).astype(np.float32),
+       "label": (np.arange(n) % CLASSES).astype(np.int64),
+       "index": np.arange(n, dtype=np.int64)}).batch(bs)
+
+
+def _trainer(ckpt, method, seed, **hparams):
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  with strategy.scope():
+    student = net(seed=seed)
+    if "peers" in hparams:
+      hparams["peers"] = [net(a, seed=seed + 1) for a in hparams["peers"]]
+    d = distillers.create(method, student, None, **hparams)
+  return Trainer(strategy=strategy, student=student, distiller=d, train_data=_data(16, 8, 0),
+                 test_data=_data(8, 8, 1), steps_per_epoch=2, global_batch=8, epochs=1,
+                 base_lr=0.05, checkpoint_dir=ckpt, verbose=False)
+
+
+@pytest.mark.parametrize("method,hparams", [("ONE", {}), ("KDCL", {"peers": ["resnet8"]})])
+def test_checkpoint_restores_every_net(tmp_path, method, hparams):
+  a = _trainer(str(tmp_path), method, 1, **dict(hparams))
+  results = a.fit()
+  assert {f"{n}_top1" for n in a.distiller.eval_models()} <= set(results)
+  b = _trainer(str(tmp_path), method, 7, **dict(hparams))  # other initial weights
+  assert b.restore() == (1, 0)
+  nets_a = [a.student] + list(a.distiller.extra_exports().values())
+  nets_b = [b.student] + list(b.distiller.extra_exports().values())
+  assert len(nets_a) == (3 if method == "ONE" else 2)
+  for na, nb_ in zip(nets_a, nets_b):
+    for va, vb in zip(na.weights, nb_.weights):
+      np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+  for va, vb in zip(a.distiller.weights, b.distiller.weights):  # gate, clones, peers
+    np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_online_inputs():
+  base = cfg.TrainConfig(arch="resnet8", dataset="synthetic", epochs=1)
+  with pytest.raises(UsageError, match=r"--peers=resnet8: method AT trains no peers .*KDCL"):
+    cfg.validate(base.replace(method="AT", peers="resnet8"))
+  with pytest.raises(UsageError, match=r"method KDCL needs at least 1 peer"):
+    cfg.validate(base.replace(method="KDCL"))
+  with pytest.raises(UsageError, match=r"--peers: unknown net 'resnet9'"):
+    cfg.validate(base.replace(method="KDCL", peers="resnet9"))
+  ok = cfg.validate(base.replace(method="dml", peers="Resnet20, wrn_16_2"))
+  assert ok.peers == "resnet20,wrn_16_2" and cfg.teacher_source(ok) is None
+  assert cfg.settings(ok)["teacher_arch"] is None
+  assert cfg.teacher_source(cfg.validate(base.replace(method="DML"))) == "fresh"
+  assert cfg.teacher_source(cfg.validate(base.replace(method="ONE"))) is None
+  with pytest.raises(UsageError, match=r"method ONE: wrn_16_1 cannot be branched: only staged"):
+    distillers.create("ONE", net("wrn_16_1"), None)
+  with pytest.raises(UsageError, match=r"split=3: resnet8 has 3 stages"):
+    distillers.create("ONE", net(), None, split=3)
+  with pytest.raises(UsageError, match=r"branches=1 for method CL: must be an integer >= 2"):
+    distillers.create("CL", net(), None, branches=1)
+  with pytest.raises(UsageError, match=r"ensemble='mean' for KDCL; accepted: minlogit, naive"):
+    distillers.create("KDCL", net(), None, peers=[net()], ensemble="mean")
+
+
+# ------------------------------------------------------------------------------ CS-KD
+def test_class_paired_batches_pair_each_sample_with_its_class():
+  from kd_tf2 import data as kd_data
+  ds, info = kd_data.load("synthetic", "train", batch_size=8, fraction=0.5, seed=3,
+                          pair_by_class=True)
+  plain, _ = kd_data.load("synthetic", "train", batch_size=8, fraction=0.5, seed=3,
+                          shuffle=False, drop_remainder=False)
+  subset = {int(i) for b in plain for i in b["index"].numpy()}
+  seen, partners = 0, set()
+  for b in ds.take(info.num_batches):
+    labels, index = b["label"].numpy(), b["index"].numpy()
+    assert len(labels) == 8
+    np.testing.assert_array_equal(labels[0::2], labels[1::2])
+    assert set(index.tolist()) <= subset
+    partners.update(index[1::2].tolist())
+    seen += 1
+  assert seen == info.num_batches and len(partners) > 8  # random partners, not a fixed one
+
+
+def test_cskd_terms_are_eq3_on_anchors_and_partners():
+  d = distillers.create("CS-KD", net(seed=1), None)
+  assert (d.method_name, d.temperature, d.method_weight) == ("CSKD", 4.0, 1.0)
+  kernel = d.student.classifier.kernel
+  kernel.assign(kernel * 30.0)  # logits far apart: the KL is not a float32 round-off
+  b = batch()
+  s = d.student_outputs(b["image"], training=False)
+  terms = d.total_terms(s, None, b, training=False)
+  z, y = s.logits.numpy(), b["label"].numpy()
+  assert float(terms["ce"]) == pytest.approx(np_ce(z[0::2], y[0::2]), rel=1e-5)
+  want = 16.0 * np_kl(np_soft(z[1::2], 4.0), np_log_softmax(z[0::2] / 4.0))
+  assert float(terms["cs_kd"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_cskd_refuses_odd_replica_shares():
+  from kd_tf2.engine.run import check_execution
+  c = cfg.validate(cfg.TrainConfig(method="CS-KD", arch="resnet8", dataset="synthetic",
+                                   batch_size=6))
+  check_execution(c, 1)
+  with pytest.raises(UsageError, match=r"--batch_size=6: method CSKD .* multiple of 4"):
+    check_execution(c, 2)
+
+
+# ------------------------------------------------------------------------------ BYOT
+def test_byot_terms_are_eq1_to_3_over_its_heads():
+  d = distillers.create("BYOT", net(seed=1), None)
+  assert (d.alpha, d.method_weight, d.temperature) == (0.3, 0.03, 3.0)
+  assert len(d.heads) == 2  # after stages 1 and 2 of a 3-stage resnet
+  b = batch()
+  s = d.student_outputs(b["image"], training=False)
+  terms = d.terms(s, None, b, training=False)
+  y, zc, fc = b["label"].numpy(), s.logits.numpy(), s.embedding.numpy()
+  outs = [(z.numpy(), f.numpy()) for z, f in d.head_outputs(s, False)]
+  assert all(f.shape == fc.shape for _, f in outs)
+  assert float(terms["byot_ce"]) == pytest.approx(0.7 * sum(np_ce(z, y) for z, _ in outs),
+                                                  rel=1e-5)
+  kl = sum(9.0 * np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
+  assert float(terms["byot_kl"]) == pytest.approx(0.3 * kl, rel=1e-4)
+  feat = sum(np.mean(np.sum((f - fc) ** 2, axis=-1)) for _, f in outs)
+  assert float(terms["byot_feat"]) == pytest.approx(0.03 * feat, rel=1e-4)
+  views = d.eval_models()
+  np.testing.assert_allclose(views["head1"](b["image"]).numpy(), outs[0][0], rtol=1e-5,
+                             atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ TAKD chains
+def test_takd_chain_links_and_refusals(tmp_path):
+  from kd_tf2.engine import chain
+  c = cfg.validate(cfg.TrainConfig(method="ST", arch="resnet8", teacher_arch="resnet56",
+                                   assistants="Resnet20, resnet14", dataset="synthetic",
+                                   train_dir=str(tmp_path)))
+  assert c.assistants == "resnet20,resnet14"
+  got = [(n, l.teacher_arch, l.arch, l.teacher_ckpt, l.train_dir, l.assistants)
+         for n, l in chain.links(c)]
+  t = str(tmp_path)
+  assert got == [
+      ("assistant1", "resnet56", "resnet20", f"{t}/teacher", f"{t}/assistant1_resnet20", ""),
+      ("assistant2", "resnet20", "resnet14", f"{t}/assistant1_resnet20",
+       f"{t}/assistant2_resnet14", ""),
+      ("student", "resnet14", "resnet8", f"{t}/assistant2_resnet14", f"{t}/student_resnet8", "")]
+  assert cfg.teacher_config(c).assistants == ""
+  with pytest.raises(UsageError, match=r"--assistants=resnet20: method DML does not distil"):
+    cfg.validate(c.replace(method="DML", assistants="resnet20"))
+  with pytest.raises(UsageError, match=r"--assistants: unknown net 'resnet9'"):
+    cfg.validate(c.replace(assistants="resnet9"))
+
+
+@pytest.mark.slow
+def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
+  from kd_tf2 import engine
+  c = cfg.TrainConfig(method="ST", arch="resnet8", teacher_arch="resnet14", assistants="resnet8",
+                      dataset="synthetic", fraction=0.125, epochs=1, batch_size=16,
+                      train_dir=str(tmp_path), verbose=False)
+  first = engine.train(c)
+  assert {"teacher_top1", "assistant1_top1", "top1"} <= set(first)
+  for d in ("teacher", "assistant1_resnet8", "student_resnet8"):
+    assert (tmp_path / d / "student.keras").is_file(), d
+  stamp = (tmp_path / "student_resnet8" / "student.keras").stat().st_mtime_ns
+  again = engine.train(c)
+  assert again["top1"] == first["top1"]
+  assert (tmp_path / "student_resnet8" / "student.keras").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------ OKDDip
+def test_okddip_terms_follow_the_paper_on_its_branches():
+  d = distillers.create("OKDDip", net(seed=1), None)
+  assert d.num_branches == 4 and d.temperature == 3.0
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  outs = d.branch_outputs(d.shared(b["image"], False), False)
+  z = [o.logits.numpy() for o in outs]
+  e = np.stack([o.embedding.numpy() for o in outs[1:]], axis=1)  # [B, 3, d]
+  wq, bq = (v.numpy() for v in d.query.weights)
+  wk, bk = (v.numpy() for v in d.key.weights)
+  q, k = e @ wq + bq, e @ wk + bk
+  energy = np.einsum("bid,bjd->bij", q, k)
+  a = np.exp(energy - energy.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  peers = np.stack(z[1:], axis=1)
+  targets = np.einsum("bij,bjk->bik", a, peers)
+  first = sum(9.0 * np_kl(np_soft(targets[:, i], 3.0), np_log_softmax(z[i + 1] / 3.0))
+              for i in range(3))
+  assert float(terms["okd_peer"]) == pytest.approx(first, rel=1e-4)
+  mean = np.mean(z[1:], axis=0)
+  second = 9.0 * np_kl(np_soft(mean, 3.0), np_log_softmax(z[0] / 3.0))
+  assert float(terms["okd_leader"]) == pytest.approx(second, rel=1e-4)
+  y = b["label"].numpy()
+  assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)
