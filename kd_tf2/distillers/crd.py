@@ -52,6 +52,7 @@ replica). The banks, Z and the flag are mirrored variables with per-replica upda
 the same momentum update to its own copy, and Z is the cross-replica mean of the first batch, so the
 copies stay identical (the data layer never repeats an index within a global batch).
 """
+import functools
 import math
 
 import numpy as np
@@ -116,7 +117,7 @@ class NegativeSampler:
     if not jit_compiled:
       count = tf.gather(tf.constant(self.class_counts), labels)
       start = tf.gather(tf.constant(self._start), labels)[:, None]
-      pick = tf.map_fn(lambda others: _first_k_of_a_permutation(others, k), self.n_active - count,
+      pick = tf.map_fn(functools.partial(_first_k_of_a_permutation, k=k), self.n_active - count,
                        fn_output_signature=tf.TensorSpec([k], tf.int64),
                        parallel_iterations=64)  # [B, k] positions among the row's others
       pos = self._n_excluded + pick + tf.where(pick >= start, count[:, None], tf.zeros_like(pick))
@@ -140,6 +141,7 @@ class NegativeSampler:
     return self.without_replacement(labels, k, jit_compiled)
 
 
+@tf.autograph.experimental.do_not_convert  # plain ops: nothing for AutoGraph to rewrite
 def _first_k_of_a_permutation(n, k):
   """[k] int64: the first k of a uniformly random permutation of range(n) (n >= 1; for n < k the
   permutation repeats - such rows are the caller's to replace)."""
