@@ -133,6 +133,11 @@ def test_dist_cifar_protocol(parity):
 
 # ---------------------------------------------------------------------------------- Zoo
 
+def test_logits(parity):
+  fx, terms, states = _replay(parity, "logits")
+  _assert(parity, fx, terms, states, "Logits")
+
+
 def test_irg(parity):
   fx, terms, states = _replay(parity, "irg")
   _assert(parity, fx, terms, states, "IRG")
