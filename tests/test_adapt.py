@@ -149,6 +149,10 @@ IN_GRAPH = {"ST", "AT", "CRD", "DML", "Sobolev"}
 # in count and width: these methods' shape rules refuse the pair with their one-line UsageError.
 REFUSED_3_VS_4 = {"AB": "same number of positions", "AFD": "equal stage shapes",
                   "FSP": "same positions", "KD_SVD": "same number", "MHGD": "same number"}
+# Online methods (issue 14) on adapted nets: the branched ones need a staged zoo net to split, the
+# peer ones need --peers (nets built like the student); both are refused in one line here.
+REFUSED_ONLINE = {"ONE": "cannot be branched", "CL": "cannot be branched",
+                  "OKDDip": "cannot be branched", "KDCL": "needs at least 1 peer"}
 
 
 @pytest.mark.parametrize("method", distillers.available())
@@ -156,8 +160,9 @@ def test_every_method_on_a_3_stage_and_a_4_stage_functional_net(method):
   keras.utils.set_random_seed(0)
   teacher = kd_tf2.adapt(convnet([8, 16, 32, 64], name="t4", softmax=True))
   student = kd_tf2.adapt(convnet([4, 8, 16], name="s3"))
-  if method in REFUSED_3_VS_4:
-    with pytest.raises(kd_tf2.UsageError, match=REFUSED_3_VS_4[method]):
+  refused = {**REFUSED_3_VS_4, **REFUSED_ONLINE}
+  if method in refused:
+    with pytest.raises(kd_tf2.UsageError, match=refused[method]):
       _one_step_each_phase(method, student, teacher)
   else:
     _one_step_each_phase(method, student, teacher, in_graph=method in IN_GRAPH)
@@ -206,4 +211,4 @@ def test_every_method_with_a_keras_applications_teacher(method):
 # MobileNetV2's automatic taps: 5 maps (16x16 .. 1x1) of 48..1280 channels vs the student's 3.
 REFUSED_MOBILENET = {"AB": "same number of positions", "AFD": "equal stage shapes",
                      "FSP": "same positions", "IRG": "1280 channels", "KD_SVD": "same number",
-                     "MHGD": "same number"}
+                     "MHGD": "same number", **REFUSED_ONLINE}
