@@ -368,7 +368,7 @@ def test_cc_repdistiller_form(pair, outputs, batch):
 
 def test_imagenet_pairs_take_mdistillers_imagenet_configs():
   """ST, DKD and ReviewKD on resnet34 -> resnet18 (torchvision nets) take mdistiller's
-  configs/imagenet/r34_r18 values; an explicit value wins."""
+  configs/imagenet/r34_r18 values; an explicit value wins; OFD runs on the pair."""
   teacher = nets.create("resnet34_imagenet", 10)
   student = nets.create("resnet18_imagenet", 10)
   for net in (teacher, student):
@@ -380,3 +380,9 @@ def test_imagenet_pairs_take_mdistillers_imagenet_configs():
   assert (dkd.beta, dkd.warmup, dkd.temperature) == (0.5, 1.0, 2.0)
   review = distillers.create("ReviewKD", student, teacher, input_shape=(64, 64, 3))
   assert (review.method_weight, review.warmup_epochs) == (1.0, 1.0)
+  # OFD finds the BatchNorms before the torchvision ResNets' preacts (a ResNetV2 family member)
+  ofd = distillers.create("OFD", student, teacher, input_shape=(64, 64, 3))
+  images = tf.random.normal([2, 64, 64, 3], seed=1)
+  out = ofd.terms(ofd.student_outputs(images, training=False), ofd.teacher_outputs(images),
+                  {"image": images, "label": tf.constant([0, 1])}, training=False)
+  assert np.isfinite(float(out["ofd"])) and float(out["ofd"]) > 0

@@ -124,9 +124,11 @@ def teacher_preact_batchnorms(model):
   (clovaai/mdistiller ``get_bn_before_relu``), found by the reference state_dict paths of
   ``model.torch_layers()`` (NETS.md §4). Returns a list of ``keras.layers.BatchNormalization``,
   one per stage. A family without a known mapping raises ``UsageError``."""
-  family = type(model).__name__
   if hasattr(model, "preact_batchnorms"):  # kd_tf2.adapt models find theirs in the Keras graph
     return model.preact_batchnorms()
+  # The family is the nearest class with a locator (ImageNetResNet is a ResNetV2).
+  family = next((k.__name__ for k in type(model).__mro__ if k.__name__ in _LOCATORS),
+                type(model).__name__)
   if family not in _LOCATORS:
     raise UsageError(f"OFD cannot locate the BatchNorm before the preacts of "
                      f"{getattr(model, 'arch', model.name)} (family {family}); "
