@@ -266,6 +266,21 @@ def test_shape_mismatch_errors_name_both_shapes():
 
 
 def test_module_exports():
-  assert set(L.__all__) == {"soft_target", "logit_mse", "dkd", "dist", "dml_kl"}
+  assert set(L.__all__) == {"soft_target", "logit_mse", "dkd", "dist", "dml_kl", "kl_without_t2",
+                            "kl_rows_sum"}
   for name in L.__all__:
     assert getattr(losses, name) is getattr(L, name)
+
+
+def test_kl_rows_sum_matches_numpy():
+  """MHGD's attention KL: the sum over every row and entry of p_x (log p_x - log p_y)."""
+  rng = np.random.default_rng(22)
+  x, y = rng.normal(0, 2, (3, 4, 6)), rng.normal(0, 2, (3, 4, 6))
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  expected = (np.exp(log_softmax(x)) * (log_softmax(x) - log_softmax(y))).sum()
+  got = L.kl_rows_sum(tf.constant(x, tf.float32), tf.constant(y, tf.float32))
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+

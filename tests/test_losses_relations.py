@@ -582,6 +582,7 @@ def test_other_mismatches_raise_value_errors():
 def test_module_exports():
   assert set(R.__all__) == {"pkt", "rkd", "rkd_distance", "rkd_angle", "similarity_preserving",
                             "correlation_congruence", "irg", "crd_contrast_loss", "fsp_matrix",
-                            "fsp", "kd_svd"}
+                            "fsp", "kd_svd", "teacher_singular_vectors",
+                            "student_singular_vectors"}
   for name in R.__all__:
     assert getattr(losses, name) is getattr(R, name)
