@@ -197,6 +197,12 @@ def test_kdcl_terms_on_mixed_architectures(ensemble):
     assert float(terms[f"{name}ce"]) == pytest.approx(np_ce(z, y), rel=1e-5)
     want = 4.0 * np_kl(np_soft(target, 2.0), np_log_softmax(z / 2.0))
     assert float(terms[f"{name}kdcl"]) == pytest.approx(want, rel=1e-4)
+  # the step reports the student's logits [B, K] (the training accuracy reads them)
+  from kd_tf2.distillers.base import StepContext
+  from kd_tf2.engine import make_optimizer
+  v = d.variables_to_train()
+  out = d.train_step(b, StepContext(make_optimizer(0.01, v), v))
+  assert out.logits.shape == zs[0].shape
 
 
 def test_dml_cohort_terms_are_eq10():

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import nets
 from nets import branched as nb
-from kd_tf2.distillers.base import Distiller, arch_name, as_float32
+from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
 
 
@@ -30,6 +30,25 @@ class _View:
 
   def __call__(self, images, training=False):
     return self._fn(images, training)
+
+
+class JointStep:
+  """Mixin of the methods whose every trained net comes out of one pass: the subclass defines
+  ``all_terms(images, labels, training) -> ({name: weighted term}, student logits [B, K])``,
+  the student's cross-entropy as ``"ce"``; ``terms`` is that without ``"ce"`` (the base adds it),
+  ``train_step`` one update on their sum."""
+
+  def terms(self, s, t, batch, *, training=True):
+    del s, t
+    terms, _ = self.all_terms(batch["image"], batch["label"], training)
+    return {k: v for k, v in terms.items() if k != "ce"}
+
+  def train_step(self, batch, ctx):
+    with tf.GradientTape() as tape:
+      terms, logits = self.all_terms(batch["image"], batch["label"], True)
+      loss = tf.add_n(list(terms.values()))
+    ctx.minimize(loss, tape)
+    return StepOutput(terms, logits)
 
 
 class PeersDistiller(Distiller):

@@ -18,12 +18,11 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import BranchedDistiller
-from kd_tf2.distillers.base import StepOutput
+from kd_tf2.distillers._online import BranchedDistiller, JointStep
 
 
 @register("CL")
-class CL(BranchedDistiller):
+class CL(JointStep, BranchedDistiller):
   """{"ce": beta*CE(head 0), "head_ce": beta*sum_{h>0} CE, "cl": (1-beta)*sum_h T^2 KL(...)}."""
   ce_weight = 0.5
   method_weight = 0.5
@@ -45,15 +44,3 @@ class CL(BranchedDistiller):
                  [self.cross_entropy(z, labels) for z in logits[1:]]),
              "cl": self.method_weight * kl}
     return terms, logits[0]
-
-  def terms(self, s, t, batch, *, training=True):
-    del s, t
-    terms, _ = self.all_terms(batch["image"], batch["label"], training)
-    return {k: v for k, v in terms.items() if k != "ce"}
-
-  def train_step(self, batch, ctx):
-    with tf.GradientTape() as tape:
-      terms, logits = self.all_terms(batch["image"], batch["label"], True)
-      loss = tf.add_n(list(terms.values()))
-    ctx.minimize(loss, tape)
-    return StepOutput(terms, logits)

@@ -16,19 +16,17 @@ Deviations: the paper feeds each net a differently augmented copy of the image; 
 the same batch. The Linear and General ensembles (learned weights, a held-out split) are not built.
 Per replica: per-sample terms only.
 """
-import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import PeersDistiller
-from kd_tf2.distillers.base import StepOutput
+from kd_tf2.distillers._online import JointStep, PeersDistiller
 from kd_tf2.errors import UsageError
 
 ENSEMBLES = {"minlogit": kd_losses.kdcl_min_logit, "naive": kd_losses.kdcl_naive}
 
 
 @register("KDCL")
-class KDCL(PeersDistiller):
+class KDCL(JointStep, PeersDistiller):
   """{"ce": CE(student), "kdcl": w*T^2 KL(p_t || p_s), "peer<i>_ce", "peer<i>_kdcl"}."""
   method_weight = 1.0
   temperature = 2.0
@@ -49,15 +47,3 @@ class KDCL(PeersDistiller):
       terms[f"{name}kdcl"] = self.method_weight * kd_losses.soft_target(z, target,
                                                                          self.temperature)
     return terms, logits[0]
-
-  def terms(self, s, t, batch, *, training=True):
-    del s, t
-    terms, _ = self.all_terms(batch["image"], batch["label"], training)
-    return {k: v for k, v in terms.items() if k != "ce"}
-
-  def train_step(self, batch, ctx):
-    with tf.GradientTape() as tape:
-      terms, logits = self.all_terms(batch["image"], batch["label"], True)
-      loss = tf.add_n(list(terms.values()))
-    ctx.minimize(loss, tape)
-    return StepOutput(terms, logits[0])

@@ -20,12 +20,11 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import BranchedDistiller, dense
-from kd_tf2.distillers.base import StepOutput
+from kd_tf2.distillers._online import BranchedDistiller, JointStep, dense
 
 
 @register("OKDDip")
-class OKDDip(BranchedDistiller):
+class OKDDip(JointStep, BranchedDistiller):
   """{"ce": CE(leader), "peer_ce": sum CE(peers), "okd_peer": w*T^2 sum KL(t_i||p_i),
   "okd_leader": w*T^2 KL(mean peers||leader)}."""
   method_weight = 1.0
@@ -63,16 +62,3 @@ class OKDDip(BranchedDistiller):
              "okd_peer": self.method_weight * first,
              "okd_leader": self.method_weight * second}
     return terms, leader.logits
-
-  def terms(self, s, t, batch, *, training=True):
-    del s, t
-    terms, _ = self.all_terms(batch["image"], batch["label"], training)
-    return {k: v for k, v in terms.items() if k != "ce"}
-
-  def train_step(self, batch, ctx):
-    with tf.GradientTape() as tape:
-      terms, logits = self.all_terms(batch["image"], batch["label"], True)
-      loss = tf.add_n(list(terms.values()))
-    ctx.minimize(loss, tape)
-    return StepOutput(terms, logits)
-

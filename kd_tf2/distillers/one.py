@@ -20,12 +20,11 @@ import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import BranchedDistiller, dense
-from kd_tf2.distillers.base import StepOutput
+from kd_tf2.distillers._online import BranchedDistiller, JointStep, dense
 
 
 @register("ONE")
-class ONE(BranchedDistiller):
+class ONE(JointStep, BranchedDistiller):
   """{"ce": CE(branch 0), "branch_ce": sum_{i>0} CE(z_i), "ensemble_ce": CE(z_e),
   "one": w * T^2 sum_i KL(p_e || p_i)}."""
   method_weight = 1.0
@@ -57,15 +56,3 @@ class ONE(BranchedDistiller):
              "ensemble_ce": self.ce_weight * self.cross_entropy(ens, labels),
              "one": self.method_weight * kd_losses.one_loss(logits, ens, self.temperature)}
     return terms, logits[0]
-
-  def terms(self, s, t, batch, *, training=True):
-    del s, t
-    terms, _ = self.all_terms(batch["image"], batch["label"], training)
-    return {k: v for k, v in terms.items() if k != "ce"}
-
-  def train_step(self, batch, ctx):
-    with tf.GradientTape() as tape:
-      terms, logits = self.all_terms(batch["image"], batch["label"], True)
-      loss = tf.add_n(list(terms.values()))
-    ctx.minimize(loss, tape)
-    return StepOutput(terms, logits)
