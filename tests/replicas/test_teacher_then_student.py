@@ -30,7 +30,7 @@ def test_teacher_then_student_on_two_replicas(method, extra, tmp_path, mirrored)
   train_dir = str(tmp_path / method)
   results = engine.train(engine.TrainConfig(method=method, train_dir=train_dir, **COMMON, **extra))
   assert results["method"] == method and math.isfinite(results["loss"])
-  assert os.path.isfile(os.path.join(train_dir, "teacher", "student.keras"))  # trained first
+  assert os.path.isfile(os.path.join(train_dir, "teacher", "teacher.keras"))  # trained first
   assert results["teacher_top1"] >= 0 and os.path.isfile(os.path.join(train_dir, "student.keras"))
   with open(os.path.join(train_dir, "metrics.jsonl")) as f:
     phases = [json.loads(line)["phase"] for line in f]
