@@ -357,3 +357,14 @@ def test_protocol_sets_the_schedule_defaults_and_flags_win():
   assert (mine.epochs, mine.batch_size, cfg.base_lr(mine)) == (3, 256, 0.2)
   with pytest.raises(UsageError, match=r"--protocol='tpu': accepted: auto, cifar, imagenet"):
     cfg.validate(cifar.replace(protocol="tpu"))
+
+
+def test_the_method_gets_the_protocol_that_set_the_schedule():
+  """--protocol=imagenet on a folder (a CIFAR-like name) gives DIST its ImageNet defaults too."""
+  from kd_tf2.engine import run
+  base = cfg.TrainConfig(method="DIST", arch="resnet8", dataset="folder:/data/x", train_dir="x")
+  dist = distillers.get("DIST")
+  assert run.engine_hparams(dist, cfg.validate(base)) == {"protocol": "cifar"}
+  assert run.engine_hparams(dist, cfg.validate(base.replace(protocol="imagenet"))) == {
+      "protocol": "imagenet"}
+  assert run.engine_hparams(dist, base.replace(dataset="imagenette")) == {"protocol": "imagenet"}

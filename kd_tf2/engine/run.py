@@ -52,11 +52,13 @@ def eval_split(splits):
 
 
 def engine_hparams(method_cls, config):
-  """Constructor keywords the method asks the engine for (``Distiller.engine_hparams``)."""
-  from kd_tf2.distillers._pairs import dataset_protocol  # pylint: disable=import-outside-toplevel
-  return distillers.engine_kwargs(method_cls, train_labels=lambda: train_labels(config),
-                                  jit_compiled=lambda: config.jit_compile,
-                                  protocol=lambda: dataset_protocol(config.dataset))
+  """Constructor keywords the method asks the engine for (``Distiller.engine_hparams``);
+  ``protocol`` is the run's (``--protocol``, or the dataset's for ``auto``), the one that also
+  set the schedule."""
+  return distillers.engine_kwargs(
+      method_cls, train_labels=lambda: train_labels(config),
+      jit_compiled=lambda: config.jit_compile,
+      protocol=lambda: cfg.resolve_protocol(config.protocol, config.dataset))
 
 
 def train_labels(config):
