@@ -1,4 +1,11 @@
-"""The common base of every zoo net: logits or the full ``Outputs`` contract (DESIGN.md contract 1)."""
+"""The common base of every zoo net: logits or the full ``Outputs`` contract (DESIGN.md contract 1).
+
+Every zoo net runs as stem -> stages -> head (the staged-forward protocol, ``ZooNet.forward_*``);
+``nets.branched`` splits any net after any stage with it, so the per-family rules for features and
+preacts live only in the families.
+"""
+from typing import Any, NamedTuple, Tuple
+
 import keras
 import numpy as np
 from keras import ops
@@ -6,14 +13,32 @@ from keras import ops
 from nets.outputs import Outputs
 
 
+class Trace(NamedTuple):
+  """The forward pass at a stage boundary. x: the map the next stage (or the head) reads, [B, h, w, c];
+  features / preacts: the tensors of contract 1 so far. A family may append a preact one stage late
+  (WRN's is the next BN, which the next stage or the head owns)."""
+  x: Any
+  features: Tuple[Any, ...]
+  preacts: Tuple[Any, ...]
+
+  def then(self, x, features=(), preacts=()):
+    """The trace after a stage: its output map ``x`` and the features/preacts it appends."""
+    return Trace(x, self.features + tuple(features), self.preacts + tuple(preacts))
+
+
 class ZooNet(keras.Model):
   """A CIFAR classifier of the reference zoo (RepDistiller, Tian et al., ICLR 2020, arXiv:1910.10699).
 
-  Subclasses create their layers in ``__init__`` (``self.classifier`` last), implement
-  ``forward(x, training) -> (features, preacts, embedding)`` and ``torch_layers()``, which yields
-  ``(state_dict module path, keras layer)`` for every weighted layer — the table the weight
-  converter walks (NETS.md §4).
+  Subclasses create their layers in ``__init__`` (``self.classifier`` last) and implement
+  ``torch_layers()``, which yields ``(state_dict module path, keras layer)`` for every weighted
+  layer — the table the weight converter walks (NETS.md §4) — and the staged-forward protocol:
 
+  - ``part_layers()``: [stem layers, stage 1 layers, ..., stage n layers] (head and classifier
+    excluded); n = ``num_stages`` = len(features) - 1;
+  - ``forward_stem(x, training) -> Trace``; ``forward_stage(i, trace, training) -> Trace``
+    (i = 0..n-1); ``forward_head(trace, training) -> (features, preacts, embedding)``.
+
+  ``forward`` chains them; ``nets.branched`` chains them across several nets.
   ``model(x, training=...)`` -> logits [B, num_classes];
   ``model(x, training=..., features=True)`` -> ``Outputs(logits, features, preacts, embedding)``.
   """
@@ -28,8 +53,28 @@ class ZooNet(keras.Model):
     self.synchronized_bn = bool(synchronized_bn)
     self.arch = arch or type(self).__name__
 
-  def forward(self, x, training):
+  def part_layers(self):
     raise NotImplementedError
+
+  @property
+  def num_stages(self):
+    return len(self.part_layers()) - 1
+
+  def forward_stem(self, x, training):
+    raise NotImplementedError
+
+  def forward_stage(self, i, trace, training):
+    raise NotImplementedError
+
+  def forward_head(self, trace, training):
+    raise NotImplementedError
+
+  def forward(self, x, training):
+    """-> (features, preacts, embedding): stem, every stage, head."""
+    trace = self.forward_stem(x, training)
+    for i in range(self.num_stages):
+      trace = self.forward_stage(i, trace, training)
+    return self.forward_head(trace, training)
 
   def torch_layers(self):
     raise NotImplementedError
@@ -92,16 +137,21 @@ class StagedNet(ZooNet):
     """(path, layer) of weighted layers between the last stage and the classifier."""
     return ()
 
-  def forward(self, x, training):
+  def part_layers(self):
+    return [[layer for _, layer in self.stem_layers()]] + [list(blocks) for blocks in self.stages]
+
+  def forward_stem(self, x, training):
     x, pre = self.stem(x, training)
-    feats, preacts = [x], [pre]
-    x = self.stem_pool(x)
-    for blocks in self.stages:
-      for block in blocks:
-        x, pre = block(x, training=training)
-      feats.append(x)
-      preacts.append(pre)
-    return feats, preacts, self.head(x, training)
+    return Trace(self.stem_pool(x), (x,), (pre,))
+
+  def forward_stage(self, i, trace, training):
+    x = trace.x
+    for block in self.stages[i]:
+      x, pre = block(x, training=training)
+    return trace.then(x, (x,), (pre,))
+
+  def forward_head(self, trace, training):
+    return list(trace.features), list(trace.preacts), self.head(trace.x, training)
 
   def torch_layers(self):
     yield from self.stem_layers()

@@ -13,7 +13,7 @@ import math
 import keras
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, Trace, ZooNet, prefixed, relu
 from nets.registry import register
 
 # (expansion t, channels c, units n, first stride s); t = None means "the net's expansion T".
@@ -93,16 +93,28 @@ class MobileNetV2(ZooNet):
   def arch_config(self):
     return {"expansion": self.expansion, "width_mult": self.width_mult}
 
-  def forward(self, x, training):
+  def stage_units(self):
+    """The units of the four protocol stages: settings 0-1, 2, 3-4, 5-6 (one per feature)."""
+    starts = (0,) + tuple(s + 1 for s in _FEATURE_STAGES[:-1])
+    return [[u for units in self.stages[a:b + 1] for u in units]
+            for a, b in zip(starts, _FEATURE_STAGES)]
+
+  def part_layers(self):
+    return [[self.conv1, self.bn1]] + self.stage_units()
+
+  def forward_stem(self, x, training):
     x = relu(self.bn1(self.conv1(x), training=training))
-    feats = [x]
-    for s, units in enumerate(self.stages):
-      for unit in units:
-        x = unit(x, training=training)
-      if s in _FEATURE_STAGES:
-        feats.append(x)
-    h = relu(self.bn2(self.conv2(x), training=training))
-    return feats, list(feats), L.global_avg_pool(h)
+    return Trace(x, (x,), (x,))
+
+  def forward_stage(self, i, trace, training):
+    x = trace.x
+    for unit in self.stage_units()[i]:
+      x = unit(x, training=training)
+    return trace.then(x, (x,), (x,))
+
+  def forward_head(self, trace, training):
+    h = relu(self.bn2(self.conv2(trace.x), training=training))
+    return list(trace.features), list(trace.preacts), L.global_avg_pool(h)
 
   def torch_layers(self):
     yield "conv1.0", self.conv1

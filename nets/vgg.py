@@ -10,7 +10,7 @@ preacts: f0, then the block outputs before their ReLU; embedding: global average
 import keras
 
 from nets import layers as L
-from nets.base import Block, ZooNet, relu
+from nets.base import Block, Trace, ZooNet, relu
 from nets.registry import register
 
 _CFGS = {
@@ -66,17 +66,25 @@ class VGG(ZooNet):
   def arch_config(self):
     return {"cfg": self.cfg}
 
-  def forward(self, x, training):
-    pool_before_last = x.shape[1] == 64  # the reference pools after block3 only at 64x64
-    feats, preacts = [], []
-    for b, block in enumerate(self.blocks):
-      pre = block(x, training=training)
-      x = relu(pre)
-      feats.append(x)
-      preacts.append(x if b == 0 else pre)
-      if b < 3 or (b == 3 and pool_before_last):
-        x = L.max_pool2x2(x)
-    return feats, preacts, L.global_avg_pool(x)
+  def part_layers(self):
+    return [[block] for block in self.blocks]  # block0 is the stem, blocks 1-4 the stages
+
+  def forward_stem(self, x, training):
+    f = relu(self.blocks[0](x, training=training))
+    return Trace(L.max_pool2x2(f), (f,), (f,))
+
+  def forward_stage(self, i, trace, training):
+    """Block i+1, then its pool: after blocks 1, 2 and (only for 64x64 inputs, as the reference)
+    block 3. f0 has the input's size (block0 keeps it)."""
+    b = i + 1
+    pre = self.blocks[b](trace.x, training=training)
+    f = relu(pre)
+    pool = b < 3 or (b == 3 and trace.features[0].shape[1] == 64)
+    return trace.then(L.max_pool2x2(f) if pool else f, (f,), (pre,))
+
+  def forward_head(self, trace, training):
+    del training
+    return list(trace.features), list(trace.preacts), L.global_avg_pool(trace.x)
 
   def torch_layers(self):
     for b, block in enumerate(self.blocks):

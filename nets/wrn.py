@@ -10,7 +10,7 @@ preacts are the next BN applied to them (``block2.layer.0.bn1``, ``block3.layer.
 import keras
 
 from nets import layers as L
-from nets.base import Block, ZooNet, prefixed, relu
+from nets.base import Block, Trace, ZooNet, prefixed, relu
 from nets.registry import register, register_pattern
 
 
@@ -86,18 +86,27 @@ class WideResNet(ZooNet):
   def arch_config(self):
     return {"depth": self.depth, "width": self.width}
 
-  def forward(self, x, training):
+  def part_layers(self):
+    return [[self.conv1]] + [list(blocks) for blocks in self.groups]
+
+  def forward_stem(self, x, training):
+    del training
     x = self.conv1(x)
-    feats, preacts = [x], [x]
-    for blocks in self.groups:
-      for i, block in enumerate(blocks):
-        x, bn_in = block(x, training=training)
-        if i == 0 and len(feats) > 1:
-          preacts.append(bn_in)  # next BN of the previous group's output
-      feats.append(x)
-    bn_x = self.bn1(x, training=training)
-    preacts.append(bn_x)
-    return feats, preacts, L.global_avg_pool(relu(bn_x))
+    return Trace(x, (x,), (x,))
+
+  def forward_stage(self, i, trace, training):
+    """Group i+1; its first block's bn1 is the preact of group i's output (none for the stem's)."""
+    x, preacts = trace.x, ()
+    for j, block in enumerate(self.groups[i]):
+      x, bn_in = block(x, training=training)
+      if j == 0 and i > 0:
+        preacts = (bn_in,)
+    return trace.then(x, (x,), preacts)
+
+  def forward_head(self, trace, training):
+    bn_x = self.bn1(trace.x, training=training)  # the top bn1: the last group's preact
+    return (list(trace.features), list(trace.preacts) + [bn_x],
+            L.global_avg_pool(relu(bn_x)))
 
   def torch_layers(self):
     yield "conv1", self.conv1
