@@ -149,12 +149,13 @@ def test_branches_share_the_trunk_and_export_as_plain_nets(tmp_path):
   loaded = keras.saving.load_model(path, compile=False)
   np.testing.assert_allclose(loaded(x, training=False).numpy(), z1, rtol=1e-5, atol=1e-5)
   # the clones' own trunk is frozen: never optimised
-  trunk_ids = {id(v) for layer in nb.trunk_layers(d.clones[0], d.split) for v in layer.weights}
-  assert not trunk_ids & {id(v) for v in d.variables_to_train()}
+  trunk_ids = {id(v) for layer in nb.unused_layers(d.tree, 1, d.clones[0]) for v in layer.weights}
+  assert trunk_ids and not trunk_ids & {id(v) for v in d.variables_to_train()}
 
 
-def test_cl_terms_and_gradient_rescaling():
-  d = distillers.create("CL", net(seed=1), None, branches=3)
+def test_cl_one_level_terms_and_gradient_rescaling():
+  d = distillers.create("CL", net(seed=1), None, splits=2, branches=3)
+  assert d.tree.splits == (2,) and d.num_branches == 3
   assert (d.ce_weight, d.method_weight, d.temperature) == (0.5, 0.5, 2.0)
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
@@ -178,6 +179,178 @@ def test_cl_terms_and_gradient_rescaling():
     scaled_loss = tf.add_n(list(scaled.values()))
   np.testing.assert_allclose(tape.gradient(scaled_loss, stem).numpy(),
                              tape.gradient(plain, stem).numpy() / 3.0, rtol=1e-3, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ branched zoo nets
+def _assert_same_outputs(got, want):
+  """Two ``Outputs`` equal exactly, field by field and tensor by tensor."""
+  assert len(got.features) == len(want.features) and len(got.preacts) == len(want.preacts)
+  for name, a, b in [("logits", got.logits, want.logits), ("embedding", got.embedding,
+                                                           want.embedding)] + [
+      (f"features[{i}]", a, b) for i, (a, b) in enumerate(zip(got.features, want.features))] + [
+      (f"preacts[{i}]", a, b) for i, (a, b) in enumerate(zip(got.preacts, want.preacts))]:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+@pytest.mark.parametrize("arch", nets.available())
+def test_every_zoo_net_split_after_any_stage_is_the_net_itself(arch):
+  """Branch 0 of a split net, after every possible split, and every head of a two-level tree
+  whose nets are all this one net, return exactly the net's own ``Outputs``."""
+  size = 64 if arch.endswith("_imagenet") else 32
+  keras.utils.set_random_seed(0)
+  n = nets.create(arch, CLASSES)
+  x = tf.constant(np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32))
+  want = n(x, training=False, features=True)
+  assert len(want.features) == n.num_stages + 1
+  for split in range(n.num_stages):
+    _assert_same_outputs(nb.branch(n, nb.trunk(n, x, False, split), False, split), want)
+  tree = nb.Tree((n.num_stages - 2, n.num_stages - 1), (2, 2))
+  root = nb.trunk(n, x, False, tree.splits[0])
+  outs = nb.tree_outputs([n] * 4, tree, root, False)
+  assert len(outs) == 4
+  for out in outs:
+    _assert_same_outputs(out, want)
+
+
+@pytest.mark.parametrize("arch,split", [("wrn_16_1", 1), ("vgg8", 2)])
+def test_exported_branch_is_the_branch(arch, split):
+  """A WRN branch (its first block's bn1 is the trunk's last preact, its head's bn1 its own) and a
+  VGG branch (pools inside the stages) exported as plain zoo nets return the branch's Outputs."""
+  d = distillers.create("ONE", net(arch, seed=1), None, split=split)
+  x = batch(b=4)["image"]
+  outs = d.branch_outputs(d.shared(x, False), False)
+  exported = d.extra_exports()
+  for i in (1, 2):
+    _assert_same_outputs(exported[f"branch{i}"](x, training=False, features=True),
+                         nb.Outputs(*outs[i]))
+  # each branch is its own net after the split: not the student
+  assert not np.allclose(outs[1].logits.numpy(), outs[0].logits.numpy())
+
+
+def test_one_trains_a_wrn_with_gradients_to_every_branch_and_the_gate():
+  from kd_tf2.distillers.base import StepContext
+  from kd_tf2.engine import make_optimizer
+  d = distillers.create("ONE", net("wrn_16_1", seed=1), None)
+  d.setup(SHAPE)
+  b = batch(b=4)
+  variables = d.variables_to_train()
+  with tf.GradientTape() as tape:
+    terms, _ = d.all_terms(b["image"], b["label"], True)
+    loss = tf.add_n(list(terms.values()))
+  grads = dict(zip([id(v) for v in variables], tape.gradient(loss, variables)))
+  moved = {id(v) for v in variables if grads[id(v)] is not None
+           and float(tf.reduce_max(tf.abs(grads[id(v)]))) > 0}
+  own = [d.student.classifier, d.student.groups[2][0], d.gate] + [
+      layer for c in d.clones for layer in (c.classifier, c.groups[2][0], c.bn1)]
+  for layer in own:
+    assert {id(v) for v in layer.trainable_weights} <= moved, layer.name
+  before = [v.numpy() for v in variables]
+  opt = make_optimizer(0.05, variables)
+  ctx = StepContext(opt, variables)
+  d.train_step(b, ctx)  # records the update; the engine's step applies it
+  pairs = ctx.take_pending()
+  opt.apply([g for g, _ in pairs], [v for _, v in pairs])
+  changed = {id(v) for a, v in zip(before, variables) if not np.array_equal(a, v.numpy())}
+  assert moved <= changed
+
+
+def _cl_tree(seed=1):
+  d = distillers.create("CL", net(seed=seed), None)
+  d.setup(SHAPE)
+  return d
+
+
+def test_cl_default_is_the_papers_four_heads_by_hierarchical_sharing():
+  d = _cl_tree()
+  assert (d.tree.splits, d.tree.branches, d.num_branches) == ((1, 2), (2, 2), 4)
+  assert d.tree.groups(0) == [[0, 1], [2, 3]] and d.tree.groups(1) == [[0], [1], [2], [3]]
+  assert set(d.eval_models()) == {"branch1", "branch2", "branch3", "ensemble"}
+  assert d.hparams()["splits"] == "1-2" and d.hparams()["branches"] == "2-2"
+  # which nets' stages each head reads: stage 2 is shared inside a group, stage 3 is per head
+  student, c1, c2, c3 = d.branch_nets()
+  b = batch(b=4)
+  variables = d.variables_to_train()
+  with tf.GradientTape(persistent=True) as tape:
+    outs = d.branch_outputs(d.shared(b["image"], True), True)
+    ces = [d.cross_entropy(o.logits, b["label"]) for o in outs]
+
+  def reads(h, layers):
+    ids = {id(v) for layer in layers for v in layer.trainable_weights}
+    grads = tape.gradient(ces[h], [v for v in variables if id(v) in ids])
+    return len(grads) == len(ids) and all(g is not None for g in grads)
+
+  for h in range(4):
+    assert reads(h, student.part_layers()[0] + student.part_layers()[1])  # the root trunk
+    assert reads(h, student.part_layers()[2]) == (h in (0, 1))
+    assert reads(h, c2.part_layers()[2]) == (h in (2, 3))
+    assert reads(h, d.branch_nets()[h].part_layers()[3])
+  # the parts a head's net does not run are frozen (head 1: stem to stage 2; head 2: the trunk)
+  train_ids = {id(v) for v in variables}
+  for h, net_, frozen_parts in [(1, c1, 3), (2, c2, 2), (3, c3, 3)]:
+    frozen = [layer for p in net_.part_layers()[:frozen_parts] for layer in p]
+    assert nb.unused_layers(d.tree, h, net_) == frozen
+    assert not {id(v) for layer in frozen for v in layer.weights} & train_ids
+  # exported heads compute their paths: head 3 reads head 2's stage 2, head 1 the student's
+  x = b["image"]
+  ref = d.branch_outputs(d.shared(x, False), False)
+  for h, name in [(1, "branch1"), (2, "branch2"), (3, "branch3")]:
+    _assert_same_outputs(d.extra_exports()[name](x, training=False, features=True),
+                         nb.Outputs(*ref[h]))
+  for a, b_ in zip(c3.part_layers()[2][0].weights, c2.part_layers()[2][0].weights):
+    np.testing.assert_array_equal(a.numpy(), b_.numpy())
+
+
+def test_cl_loss_for_four_heads_is_eq3_4():
+  d = _cl_tree()
+  b = batch()
+  terms, _ = d.all_terms(b["image"], b["label"], False)
+  zs = [o.logits.numpy() for o in d.branch_outputs(d.shared(b["image"], False), False)]
+  assert len(zs) == 4
+  y, t, beta = b["label"].numpy(), 2.0, 0.5
+  soft = []
+  for h in range(4):
+    target = np.mean([np_soft(zs[j], t) for j in range(4) if j != h], axis=0)
+    soft.append(t * t * np_kl(target, np_log_softmax(zs[h] / t)))
+  assert float(terms["ce"]) == pytest.approx(beta * np_ce(zs[0], y), rel=1e-5)
+  assert float(terms["head_ce"]) == pytest.approx(beta * sum(np_ce(z, y) for z in zs[1:]),
+                                                  rel=1e-5)
+  assert float(terms["cl"]) == pytest.approx((1 - beta) * sum(soft), rel=1e-4)
+
+
+def test_cl_rescales_the_gradient_at_every_split():
+  """Root trunk: 1/(2*2) of the heads' summed gradient; a group's middle stage: 1/2 of its two
+  heads'; a head's own last stage: unscaled. A rule scaling only at the root, or by 1/H at every
+  split, fails one of them."""
+  d = _cl_tree()
+  b = batch(b=4)
+  student, c1, c2, c3 = d.branch_nets()
+  probes = {"stem": (student.conv1.kernel, 0.25),
+            "middle_0": (student.stages[1][0].conv1.kernel, 0.5),
+            "middle_2": (c2.stages[1][0].conv1.kernel, 0.5),
+            "leaf_1": (c1.stages[2][0].conv1.kernel, 1.0),
+            "leaf_3": (c3.stages[2][0].conv1.kernel, 1.0)}
+  variables = [v for v, _ in probes.values()]
+  with tf.GradientTape(persistent=True) as tape:
+    scaled = tf.add_n(list(d.all_terms(b["image"], b["label"], False)[0].values()))
+    plain_outs = nb.tree_outputs(d.branch_nets(), d.tree, d.shared(b["image"], False), False)
+    zs = [o.logits for o in plain_outs]
+    plain = 0.5 * tf.add_n([d.cross_entropy(z, b["label"]) for z in zs]) + 0.5 * tf.add_n(
+        [L.collaborative_kl(zs, h, 2.0) for h in range(4)])
+  np.testing.assert_allclose(float(scaled), float(plain), rtol=1e-6)  # identity forward
+  for (name, (v, factor)), g, g_plain in zip(probes.items(), tape.gradient(scaled, variables),
+                                             tape.gradient(plain, variables)):
+    assert float(tf.reduce_max(tf.abs(g_plain))) > 0, name
+    np.testing.assert_allclose(g.numpy(), factor * g_plain.numpy(), rtol=1e-5, atol=1e-9,
+                               err_msg=name)
+
+
+def test_split_keywords_accept_method_args_forms():
+  for value in ("1-2", "1/2", (1, 2), [1, 2]):
+    assert distillers.create("CL", net(), None, splits=value).tree.splits == (1, 2)
+  d = distillers.create("CL", net(), None, splits="0", branches=3)
+  assert (d.tree.splits, d.tree.branches) == ((0,), (3,))
+  d = distillers.create("CL", net(), None, splits="0-2", branches="3-2")
+  assert d.num_branches == 6 and d.tree.groups(0) == [[0, 1], [2, 3], [4, 5]]
 
 
 @pytest.mark.parametrize("ensemble", ["minlogit", "naive"])
@@ -273,12 +446,22 @@ def test_bad_online_inputs():
   assert cfg.settings(ok)["teacher_arch"] is None
   assert cfg.teacher_source(cfg.validate(base.replace(method="DML"))) == "fresh"
   assert cfg.teacher_source(cfg.validate(base.replace(method="ONE"))) is None
-  with pytest.raises(UsageError, match=r"method ONE: wrn_16_1 cannot be branched: only staged"):
-    distillers.create("ONE", net("wrn_16_1"), None)
-  with pytest.raises(UsageError, match=r"split=3: resnet8 has 3 stages"):
+  with pytest.raises(UsageError, match=r"method ONE: splits=3: resnet8 has 3 stages; give "
+                                      r"increasing counts of shared stages in 0\.\.2$"):
     distillers.create("ONE", net(), None, split=3)
-  with pytest.raises(UsageError, match=r"branches=1 for method CL: must be an integer >= 2"):
+  with pytest.raises(UsageError, match=r"method CL: branches=1-1: give one integer >= 2 per "
+                                      r"split level \(splits=1-2\)$"):
     distillers.create("CL", net(), None, branches=1)
+  for bad, msg in [({"splits": "2-1"}, r"splits=2-1: resnet8 has 3 stages"),
+                   ({"splits": "1-1"}, r"splits=1-1: resnet8 has 3 stages"),
+                   ({"splits": "1-x"}, r"splits='1-x' for method CL: give an int, or ints joined"),
+                   ({"splits": 1.5}, r"splits=1.5 for method CL: give an int"),
+                   ({"splits": "1-2", "branches": "2-2-2"}, r"branches=2-2-2: give one integer"),
+                   ({"split": 1, "splits": 1}, r"split=1 and splits=1 for method CL: give one")]:
+    with pytest.raises(UsageError, match=msg):
+      distillers.create("CL", net(), None, **bad)
+  with pytest.raises(UsageError, match=r"splits=1-2 for method ONE: it forks at one split point"):
+    distillers.create("ONE", net(), None, splits="1/2")
   with pytest.raises(UsageError, match=r"ensemble='mean' for KDCL; accepted: minlogit, naive"):
     distillers.create("KDCL", net(), None, peers=[net()], ensemble="mean")
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import nets
 from nets import branched as nb
+from kd_tf2.checks import is_int
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
 
@@ -91,29 +92,55 @@ class PeersDistiller(Distiller):
 
 
 class BranchedDistiller(Distiller):
-  """The student split after stage ``split`` (default: before its last stage) into ``branches``
-  branches (``nets.branched``); branch 0 is the student."""
+  """The student split into a tree of heads (``nets.branched.Tree``); head 0 is the student.
+
+  Keywords (also as ``--method_args`` values): ``splits`` - the counts of shared stages where the
+  net forks, an int or increasing ints as a tuple or a string "1-2" / "1/2"; ``split`` - the same
+  for one level (ONE, OKDDip); ``branches`` - children per fork, an int (every level) or one per
+  split in the same forms. Defaults: ``default_tree(student)``. Methods whose papers fork once set
+  ``max_levels = 1``."""
   uses_teacher = False
   branches = 3
+  max_levels = None
 
-  def __init__(self, student, teacher, *, branches=None, split=None, **kwargs):
+  def __init__(self, student, teacher, *, branches=None, splits=None, split=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    m = type(self).branches if branches is None else branches
-    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-      raise UsageError(f"branches={m!r} for method {self.method_name}: must be an integer >= 2")
-    split = nb.default_split(student) if split is None and hasattr(student, "stages") else split
+    if split is not None and splits is not None:
+      raise UsageError(f"split={split!r} and splits={splits!r} for method {self.method_name}: "
+                       "give one of them")
+    splits = split if splits is None else splits
     try:
-      nb.check_branchable(student, split)
+      nb.check_branchable(student)
     except ValueError as e:
       raise UsageError(f"method {self.method_name}: {e}") from None
-    self.num_branches, self.split = m, split
+    default_splits, default_branches = self.default_tree(student)
+    splits = default_splits if splits is None else int_tuple("splits", splits, self.method_name)
+    if branches is None and splits != default_splits:
+      branches = type(self).branches
+    branches = (default_branches if branches is None
+                else int_tuple("branches", branches, self.method_name))
+    if len(branches) == 1 and len(splits) > 1:
+      branches = branches * len(splits)
+    if self.max_levels is not None and len(splits) > self.max_levels:
+      raise UsageError(f"splits={nb.joined(splits)} for method {self.method_name}: it forks at "
+                       "one split point; give one count of shared stages")
+    self.tree = nb.Tree(splits, branches)
+    try:
+      nb.check_tree(student, self.tree)
+    except ValueError as e:
+      raise UsageError(f"method {self.method_name}: {e}") from None
+    self.num_branches, self.split = self.tree.heads, splits[0]
     clones = []
-    for _ in range(m - 1):
+    for h in range(1, self.tree.heads):
       net = nets.create(student.arch, student.num_classes,
                         synchronized_bn=student.synchronized_bn)
-      nb.freeze_trunk(net, split)
+      nb.freeze_unused(self.tree, h, net)
       clones.append(net)
     self.clones = clones
+
+  def default_tree(self, student):
+    """(splits, branches) without keywords: fork once before the last stage into ``branches``."""
+    return (nb.default_split(student),), (type(self).branches,)
 
   def setup(self, input_shape):
     for net in self.clones:
@@ -124,20 +151,26 @@ class BranchedDistiller(Distiller):
     return [self.student] + list(self.clones)
 
   def shared(self, images, training):
-    """The trunk's (map, features, preacts), computed once per step."""
+    """The trunk's ``Trace`` (map, features, preacts) up to the first split, once per step."""
     return nb.trunk(self.student, images, training, self.split)
 
+  def at_split(self, x, children):
+    """Applied to a node's output map where it forks into ``children`` (override; identity)."""
+    del children
+    return x
+
   def branch_outputs(self, shared, training):
-    """``Outputs`` (float32) of every branch on the trunk output ``shared``."""
-    return [as_float32(nb.branch(n, shared, training, self.split)) for n in self.branch_nets()]
+    """``Outputs`` (float32) of every head on the trunk's trace ``shared``, head 0 first."""
+    outs = nb.tree_outputs(self.branch_nets(), self.tree, shared, training, self.at_split)
+    return [as_float32(o) for o in outs]
 
   def branch_names(self):
     return [f"branch{i}" for i in range(1, self.num_branches)]
 
   def extra_exports(self):
-    """Branches 1..m-1 as plain zoo nets (the trunk copied in)."""
-    return {name: nb.export_branch(self.student, net, self.split)
-            for name, net in zip(self.branch_names(), self.clones)}
+    """Heads 1..H-1 as plain zoo nets (the parts they share copied in)."""
+    return {name: nb.export_head(self.branch_nets(), self.tree, h)
+            for h, name in enumerate(self.branch_names(), start=1)}
 
   def ensemble_logits(self, outs, shared, training):
     """Logits of the branches' ensemble (override; default: mean of the branches' logits)."""
@@ -145,18 +178,38 @@ class BranchedDistiller(Distiller):
     return tf.add_n([o.logits for o in outs]) / float(len(outs))
 
   def eval_models(self):
-    def one(i):
-      def fn(x, training):
-        return nb.branch(self.branch_nets()[i], self.shared(x, training), training,
-                         self.split).logits
-      return _View(fn)
+    def one(h):
+      return _View(lambda x, training: nb.head_outputs(self.branch_nets(), self.tree, h, x,
+                                                       training).logits)
 
     def ensemble(x, training):
       shared = self.shared(x, training)
       return self.ensemble_logits(self.branch_outputs(shared, training), shared, training)
 
-    views = {name: one(i) for i, name in enumerate(self.branch_names(), start=1)}
+    views = {name: one(h) for h, name in enumerate(self.branch_names(), start=1)}
     return {**views, "ensemble": _View(ensemble)}
+
+  def hparams(self):
+    return {**super().hparams(), "splits": nb.joined(self.tree.splits),
+            "branches": nb.joined(self.tree.branches)}
+
+
+def int_tuple(key, value, method):
+  """``value`` (an int, a sequence of ints, or ints joined by '-' or '/' in a string) -> tuple of
+  ints; ``UsageError`` naming ``key`` and the accepted forms otherwise."""
+  out = None
+  if isinstance(value, str):
+    parts = value.replace("/", "-").split("-")
+    if all(p.strip().isdigit() for p in parts):
+      out = tuple(int(p) for p in parts)
+  elif is_int(value):
+    out = (int(value),)
+  elif isinstance(value, (list, tuple)) and all(is_int(v) for v in value):
+    out = tuple(int(v) for v in value)
+  if not out:
+    raise UsageError(f"{key}={value!r} for method {method}: give an int, or ints joined by '-' "
+                     "or '/' (e.g. 1-2)")
+  return out
 
 
 def dense(units, name):

@@ -30,6 +30,7 @@ class ONE(JointStep, BranchedDistiller):
   method_weight = 1.0
   temperature = 3.0
   branches = 3
+  max_levels = 1
 
   def build_connectors(self, s, t):
     del t

@@ -54,9 +54,12 @@ def collaborative_kl(head_logits, h, temperature=2.0):
 
 
 def scale_gradient(x, scale):
-  """Identity forward, gradient times ``scale`` backward (CL's backpropagation rescaling 1/H at
-  the split point, Song & Chai sec. 3.3)."""
-  return x * scale + tf.stop_gradient(x * (1.0 - scale))
+  """Identity forward (exactly), gradient times ``scale`` backward (CL's backpropagation
+  rescaling at a split point, Song & Chai sec. 3.3)."""
+  @tf.custom_gradient
+  def identity(t):
+    return tf.identity(t), lambda dy: dy * scale
+  return identity(x)
 
 
 def kdcl_min_logit(logits, labels):
