@@ -53,6 +53,7 @@ def _run(strategy, method, make_data, **hparams):
 
 @pytest.mark.parametrize("method,hparams,paired", [
     ("ONE", {}, False), pytest.param("KDCL", {"peers": None}, False, marks=pytest.mark.slow),
+    pytest.param("CL", {}, False, marks=pytest.mark.slow),  # its 4-head tree, rescaled gradients
     ("CSKD", {}, True)])
 def test_online_training_on_two_replicas_matches_one_device(mirrored, method, hparams, paired):
   data = _paired_data if paired else _plain_data
