@@ -415,7 +415,8 @@ def _trainer(ckpt, method, seed, **hparams):
                  base_lr=0.05, checkpoint_dir=ckpt, verbose=False)
 
 
-@pytest.mark.parametrize("method,hparams", [("ONE", {}), ("KDCL", {"peers": ["resnet8"]})])
+@pytest.mark.parametrize("method,hparams", [("ONE", {}), ("KDCL", {"peers": ["resnet8"]}),
+                                            ("CL", {})])
 def test_checkpoint_restores_every_net(tmp_path, method, hparams):
   a = _trainer(str(tmp_path), method, 1, **dict(hparams))
   results = a.fit()
@@ -424,7 +425,7 @@ def test_checkpoint_restores_every_net(tmp_path, method, hparams):
   assert b.restore() == (1, 0)
   nets_a = [a.student] + list(a.distiller.extra_exports().values())
   nets_b = [b.student] + list(b.distiller.extra_exports().values())
-  assert len(nets_a) == (3 if method == "ONE" else 2)
+  assert len(nets_a) == {"ONE": 3, "KDCL": 2, "CL": 4}[method]
   for na, nb_ in zip(nets_a, nets_b):
     for va, vb in zip(na.weights, nb_.weights):
       np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)

@@ -2,8 +2,8 @@
 
 ``PeersDistiller``: the student plus K peer nets (``--peers=arch1,arch2``; possibly different
 architectures), each a whole zoo net trained from scratch together with the student.
-``BranchedDistiller``: the student split after a stage into m branches sharing its trunk
-(``nets.branched``); branch 0 is the student.
+``BranchedDistiller``: the student (any zoo net) forked after chosen stages into a tree of heads
+sharing its trunk (``nets.branched``); head 0 is the student.
 
 Both keep their extra nets as sub-layers of the distiller, so the engine checkpoints, restores and
 optimises them with the distiller's own variables (``variables_to_train`` = student + distiller
