@@ -386,27 +386,47 @@ def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------ OKDDip
-def test_okddip_terms_follow_the_paper_on_its_branches():
+def _np_okddip_kl(target_logits, logits, t):
+  """The authors' KL_Loss: T^2 * batchmean sum (p + 1e-7)(log(p + 1e-7) - log q)."""
+  p = np_soft(target_logits, t) + 1e-7
+  return t * t * float(np.mean(np.sum(p * (np.log(p) - np_log_softmax(logits / t)), axis=-1)))
+
+
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (40, np.exp(-1.25)), (95, 1.0)])
+def test_okddip_terms_follow_the_authors_code_on_its_branches(epoch, ramp):
   d = distillers.create("OKDDip", net(seed=1), None)
-  assert d.num_branches == 4 and d.temperature == 3.0
+  assert d.num_branches == 4 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   outs = d.branch_outputs(d.shared(b["image"], False), False)
   z = [o.logits.numpy() for o in outs]
   e = np.stack([o.embedding.numpy() for o in outs[1:]], axis=1)  # [B, 3, d]
-  wq, bq = (v.numpy() for v in d.query.weights)
-  wk, bk = (v.numpy() for v in d.key.weights)
-  q, k = e @ wq + bq, e @ wk + bk
+  assert [len(v.weights) for v in (d.query, d.key)] == [1, 1]  # no bias
+  wq, wk = d.query.weights[0].numpy(), d.key.weights[0].numpy()
+  assert wq.shape == (e.shape[-1], e.shape[-1] // 8)
+  q, k = e @ wq, e @ wk
   energy = np.einsum("bid,bjd->bij", q, k)
   a = np.exp(energy - energy.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
   peers = np.stack(z[1:], axis=1)
   targets = np.einsum("bij,bjk->bik", a, peers)
-  first = sum(9.0 * np_kl(np_soft(targets[:, i], 3.0), np_log_softmax(z[i + 1] / 3.0))
-              for i in range(3))
-  assert float(terms["okd_peer"]) == pytest.approx(first, rel=1e-4)
-  mean = np.mean(z[1:], axis=0)
-  second = 9.0 * np_kl(np_soft(mean, 3.0), np_log_softmax(z[0] / 3.0))
-  assert float(terms["okd_leader"]) == pytest.approx(second, rel=1e-4)
+  first = sum(_np_okddip_kl(targets[:, i], z[i + 1], 3.0) for i in range(3))
+  assert float(terms["okd_peer"]) == pytest.approx(ramp * first, rel=1e-4)
+  second = _np_okddip_kl(np.mean(z[1:], axis=0), z[0], 3.0)
+  assert float(terms["okd_leader"]) == pytest.approx(ramp * second, rel=1e-4)
   y = b["label"].numpy()
   assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)
+
+
+def test_okddip_targets_pass_gradient_to_the_peers_as_in_the_authors_code():
+  d = distillers.create("OKDDip", net(seed=1), None)
+  d.epoch.assign(100.0)
+  b = batch()
+  with tf.GradientTape() as tape:
+    outs = d.branch_outputs(d.shared(b["image"], False), False)
+    z = tf.stack([p.logits for p in outs[1:]], axis=1)
+    tape.watch(z)
+    loss = L.okddip_leader_kl(outs[0].logits, z, 3.0)
+  grad = tape.gradient(loss, z)
+  assert float(tf.reduce_max(tf.abs(grad))) > 0  # a detached mean would give None / zeros
