@@ -7,6 +7,8 @@
 # cifar10-jpeg.tar.gz, extracted). Every run: 20% of the training split (10,000 images,
 # class-balanced, seed 0), the first 500 test images of each class (5,000; a link farm made in
 # OUT_DIR/data), 6 epochs, batch 64, the cifar protocol otherwise (lr 0.05, x0.1 at 62.5/75/87.5%).
+# ONE's and OKDDip's consistency ramp-up is scaled like the schedule: their code ramps over 80 of
+# 300 epochs, here over 1.6 of 6 (--method_args=rampup=1.6).
 # Each run writes OUT_DIR/NAME/ (train dir) and OUT_DIR/NAME.log; NAME arguments pick runs (default:
 # all). Print the table with: python benchmarks/online_table.py OUT_DIR
 set -u
@@ -23,9 +25,9 @@ if [ ! -d "$DATA/test" ]; then
 fi
 RUNS=(
   "none_resnet32 --method=none --arch=resnet32"
-  "ONE_resnet32 --method=ONE --arch=resnet32"
+  "ONE_resnet32 --method=ONE --arch=resnet32 --method_args=rampup=1.6"
   "CL_resnet32 --method=CL --arch=resnet32"
-  "OKDDip_resnet32 --method=OKDDip --arch=resnet32"
+  "OKDDip_resnet32 --method=OKDDip --arch=resnet32 --method_args=rampup=1.6"
   "BYOT_resnet32 --method=BYOT --arch=resnet32"
   "none_resnet20 --method=none --arch=resnet20"
   "DML_resnet20x2 --method=DML --arch=resnet20 --peers=resnet20"

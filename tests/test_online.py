@@ -41,6 +41,12 @@ def logits(rng, n=3, b=6):
   return [rng.normal(size=(b, CLASSES)).astype(np.float32) * 3 for _ in range(n)]
 
 
+def _np_kl_eps(target_logits, logits, t):
+  """ONE's / OKDDip's KL in their code: T^2 * batchmean sum (p + 1e-7)(log(p + 1e-7) - log q)."""
+  p = np_soft(target_logits, t) + 1e-7
+  return t * t * float(np.mean(np.sum(p * (np.log(p) - np_log_softmax(logits / t)), axis=-1)))
+
+
 def test_cohort_kl_is_dml_eq10():
   rng = np.random.default_rng(0)
   zs, k = logits(rng), 1
@@ -57,7 +63,7 @@ def test_one_ensemble_and_distillation_are_eq5():
   ens = sum(gate[:, i:i + 1] * zs[i] for i in range(3))
   np.testing.assert_allclose(L.gate_ensemble(zs, gate).numpy(), ens, rtol=1e-5, atol=1e-6)
   t = 3.0
-  want = sum(t * t * np_kl(np_soft(ens, t), np_log_softmax(z / t)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, t) for z in zs)
   assert float(L.one_loss(zs, ens, t)) == pytest.approx(want, rel=1e-5)
 
 
@@ -116,9 +122,17 @@ def batch(b=8, seed=0):
           "index": tf.range(b, dtype=tf.int64)}
 
 
-def test_one_terms_follow_eq6_on_its_branches():
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (60, np.exp(-5.0 / 16)), (80, 1.0)])
+def test_sigmoid_rampup_is_the_authors_consistency_weight(epoch, ramp):
+  assert float(L.sigmoid_rampup(epoch, 80.0)) == pytest.approx(ramp, rel=1e-6)
+  assert float(L.sigmoid_rampup(epoch, 0.0)) == 1.0
+
+
+@pytest.mark.parametrize("epoch", [0, 80])
+def test_one_terms_follow_eq6_on_its_branches(epoch):
   d = distillers.create("ONE", net(seed=1), None)
-  assert d.num_branches == 3 and d.temperature == 3.0
+  assert d.num_branches == 3 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   shared = d.shared(b["image"], False)
@@ -131,7 +145,7 @@ def test_one_terms_follow_eq6_on_its_branches():
   assert float(terms["ce"]) == pytest.approx(np_ce(zs[0], y), rel=1e-5)
   assert float(terms["branch_ce"]) == pytest.approx(np_ce(zs[1], y) + np_ce(zs[2], y), rel=1e-5)
   assert float(terms["ensemble_ce"]) == pytest.approx(np_ce(ens, y), rel=1e-5)
-  want = sum(9.0 * np_kl(np_soft(ens, 3.0), np_log_softmax(z / 3.0)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, 3.0) for z in zs) * (np.exp(-5.0) if epoch == 0 else 1.0)
   assert float(terms["one"]) == pytest.approx(want, rel=1e-4)
 
 
@@ -386,12 +400,6 @@ def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------ OKDDip
-def _np_okddip_kl(target_logits, logits, t):
-  """The authors' KL_Loss: T^2 * batchmean sum (p + 1e-7)(log(p + 1e-7) - log q)."""
-  p = np_soft(target_logits, t) + 1e-7
-  return t * t * float(np.mean(np.sum(p * (np.log(p) - np_log_softmax(logits / t)), axis=-1)))
-
-
 @pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (40, np.exp(-1.25)), (95, 1.0)])
 def test_okddip_terms_follow_the_authors_code_on_its_branches(epoch, ramp):
   d = distillers.create("OKDDip", net(seed=1), None)
@@ -411,9 +419,9 @@ def test_okddip_terms_follow_the_authors_code_on_its_branches(epoch, ramp):
   a /= a.sum(-1, keepdims=True)
   peers = np.stack(z[1:], axis=1)
   targets = np.einsum("bij,bjk->bik", a, peers)
-  first = sum(_np_okddip_kl(targets[:, i], z[i + 1], 3.0) for i in range(3))
+  first = sum(_np_kl_eps(targets[:, i], z[i + 1], 3.0) for i in range(3))
   assert float(terms["okd_peer"]) == pytest.approx(ramp * first, rel=1e-4)
-  second = _np_okddip_kl(np.mean(z[1:], axis=0), z[0], 3.0)
+  second = _np_kl_eps(np.mean(z[1:], axis=0), z[0], 3.0)
   assert float(terms["okd_leader"]) == pytest.approx(ramp * second, rel=1e-4)
   y = b["label"].numpy()
   assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)

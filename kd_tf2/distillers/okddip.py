@@ -13,7 +13,7 @@ peers (branches 1..3). One query and one key layer, shared by the peers (FC with
 First level: T^2 sum_i KL(t_i || z_i); second level: T^2 KL(mean_i z_i || z_leader), at T = 3.
 Loss (``train_GL.py``): sum_i CE(z_i) + CE(z_leader) + w(epoch) * (first + second), where
 ``method_weight`` (1) scales both KL terms and w ramps up over the first ``rampup`` = 80 epochs:
-w = exp(-5 (1 - min(epoch, rampup) / rampup)^2), epoch 0-based (Laine & Aila's sigmoid ramp-up,
+w = exp(-5 (1 - min(epoch, rampup) / rampup)^2), epoch 0-based (``kd_tf2.losses.sigmoid_rampup``,
 the code's ``get_current_consistency_weight``; ``rampup=0`` gives w = 1). As in the code, no
 target is detached: the targets' gradient reaches the attention layers and the peers, and the
 target probabilities get + 1e-7 (``kd_tf2.losses.okddip_peer_kl`` / ``okddip_leader_kl``).
@@ -57,13 +57,6 @@ class OKDDip(JointStep, BranchedDistiller):
     self.query.build((None, width))
     self.key.build((None, width))
 
-  def ramp(self):
-    """w(epoch) as a float32 scalar."""
-    if not self.rampup:
-      return tf.constant(1.0)
-    done = tf.minimum(tf.cast(self.epoch, tf.float32), self.rampup) / self.rampup
-    return tf.exp(-5.0 * tf.square(1.0 - done))
-
   def peer_targets(self, peer_outs):
     """[B, m, K] attention-aggregated logits of the peers."""
     emb = tf.stack([o.embedding for o in peer_outs], axis=1)  # [B, m, d]
@@ -78,7 +71,7 @@ class OKDDip(JointStep, BranchedDistiller):
     outs = self.branch_outputs(self.shared(images, training), training)
     leader, peers = outs[0], outs[1:]
     z = tf.stack([p.logits for p in peers], axis=1)
-    weight = self.method_weight * self.ramp()
+    weight = self.method_weight * kd_losses.sigmoid_rampup(self.epoch, self.rampup)
     terms = {"ce": self.ce_weight * self.cross_entropy(leader.logits, labels),
              "peer_ce": self.ce_weight * tf.add_n([self.cross_entropy(p.logits, labels)
                                                    for p in peers]),
