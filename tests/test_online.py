@@ -167,6 +167,23 @@ def test_branches_share_the_trunk_and_export_as_plain_nets(tmp_path):
   assert not trunk_ids & {id(v) for v in d.variables_to_train()}
 
 
+@pytest.mark.parametrize("method", ["ONE", "OKDDip"])
+def test_the_ensemble_exports_as_one_model_equal_to_its_view(tmp_path, method):
+  d = distillers.create(method, net(seed=1), None)
+  x = batch()["image"]
+  view = d.eval_models()["ensemble"](x).numpy()
+  exported = d.extra_exports()["ensemble"]
+  np.testing.assert_allclose(exported(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
+  if method == "ONE":  # gated: not the plain mean of the branches
+    branches = np.mean([v(x).numpy() for k, v in d.eval_models().items() if k != "ensemble"]
+                       + [d.student(x, training=False).numpy()], axis=0)
+    assert not np.allclose(view, branches, atol=1e-4)
+  path = str(tmp_path / "ensemble.keras")
+  exported.save(path)
+  loaded = keras.saving.load_model(path, compile=False)
+  np.testing.assert_allclose(loaded(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
+
+
 def test_cl_terms_and_gradient_rescaling():
   d = distillers.create("CL", net(seed=1), None, branches=3)
   assert (d.ce_weight, d.method_weight, d.temperature) == (0.5, 0.5, 2.0)

@@ -37,6 +37,7 @@ class OKDDip(JointStep, BranchedDistiller):
   method_weight = 1.0
   temperature = 3.0
   branches = 4  # the leader + 3 peers
+  exports_ensemble = True  # ensemble.keras: the mean of the peers' logits (nets.ensembles)
 
   def __init__(self, student, teacher, *, rampup=80.0, factor=8, **kwargs):
     super().__init__(student, teacher, **kwargs)
@@ -46,6 +47,7 @@ class OKDDip(JointStep, BranchedDistiller):
       raise UsageError(f"factor={factor!r} for OKDDip: must be an integer >= 1 (the query/key "
                        "width is the embedding's divided by it)")
     self.rampup, self.factor = float(rampup), int(factor)
+    self.ensemble_members = tuple(range(1, self.num_branches))  # the peers
 
   def build_connectors(self, s, t):
     del t

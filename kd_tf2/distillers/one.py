@@ -36,6 +36,7 @@ class ONE(JointStep, BranchedDistiller):
   method_weight = 1.0
   temperature = 3.0
   branches = 3
+  exports_ensemble = True  # ensemble.keras: the gated ensemble (nets.ensembles)
 
   def __init__(self, student, teacher, *, rampup=80.0, **kwargs):
     super().__init__(student, teacher, **kwargs)
