@@ -4,8 +4,8 @@
 #   benchmarks/online_short_run.sh CIFAR10_FOLDER OUT_DIR [NAME ...]
 #
 # CIFAR10_FOLDER holds train/<class>/*.jpg and test/<class>/*.jpg (e.g. the shared
-# cifar10-jpeg.tar.gz, extracted). Every run: 20% of the training split (10,000 images,
-# class-balanced, seed 0), the first 500 test images of each class (5,000; a link farm made in
+# cifar10-jpeg.tar.gz, extracted). Every run: 10% of the training split (5,000 images,
+# class-balanced, seed 0), the first 200 test images of each class (2,000; a link farm made in
 # OUT_DIR/data), 6 epochs, batch 64, the cifar protocol otherwise (lr 0.05, x0.1 at 62.5/75/87.5%).
 # ONE's and OKDDip's consistency ramp-up is scaled like the schedule: their code ramps over 80 of
 # 300 epochs, here over 1.6 of 6 (--method_args=rampup=1.6).
@@ -19,7 +19,7 @@ if [ ! -d "$DATA/test" ]; then
   mkdir -p "$DATA/test" && ln -sfn "$SRC/train" "$DATA/train"
   for c in "$SRC"/test/*/; do
     c=$(basename "$c"); mkdir -p "$DATA/test/$c"
-    ls "$SRC/test/$c" | sort -n | head -500 | while read -r f; do
+    ls "$SRC/test/$c" | sort -n | head -200 | while read -r f; do
       ln -sf "$SRC/test/$c/$f" "$DATA/test/$c/$f"; done
   done
 fi
@@ -41,7 +41,7 @@ for spec in "${RUNS[@]}"; do
   if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then continue; fi
   start=$(date +%s)
   # shellcheck disable=SC2086
-  "${PYTHON:-python}" "$ROOT/train.py" --dataset="folder:$DATA" --fraction=0.2 --epochs=6 --batch_size=64 \
+  "${PYTHON:-python}" "$ROOT/train.py" --dataset="folder:$DATA" --fraction=0.1 --epochs=6 --batch_size=64 \
     --seed=0 --train_dir="$OUT/$name" $args > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
 done
