@@ -282,7 +282,7 @@ def test_checkpoint_restores_every_net(tmp_path, method, hparams):
   assert b.restore() == (1, 0)
   nets_a = [a.student] + list(a.distiller.extra_exports().values())
   nets_b = [b.student] + list(b.distiller.extra_exports().values())
-  assert len(nets_a) == (3 if method == "ONE" else 2)
+  assert len(nets_a) == (4 if method == "ONE" else 2)  # ONE: student, 2 branches, ensemble
   for na, nb_ in zip(nets_a, nets_b):
     for va, vb in zip(na.weights, nb_.weights):
       np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
