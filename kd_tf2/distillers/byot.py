@@ -44,11 +44,13 @@ def _exit_list(value, student):
   if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
     return ()
   num_heads = len(student.stages) - 1 if isinstance(student, StagedNet) else 0
-  accepted = (f"accepted: none, all, or a head index 1..{num_heads}" if num_heads >= 1 else
+  accepted = (f"accepted: none, all, or head indices 1..{num_heads} (e.g. 1 or 1+2)"
+              if num_heads >= 1 else
               f"accepted: none ({arch_name(student)} is not a staged net of 2+ stages)")
   if isinstance(value, str) and value.strip().lower() == "all" and num_heads >= 1:
     return tuple(range(1, num_heads + 1))
-  items = value if isinstance(value, (list, tuple)) and value else [value]
+  items = value.split("+") if isinstance(value, str) else value
+  items = items if isinstance(items, (list, tuple)) and items else [items]
   out = []
   for item in items:
     if isinstance(item, str) and item.strip().isdigit():
@@ -62,7 +64,7 @@ def _exit_list(value, student):
 @register("BYOT")
 class BYOT(Distiller):
   """{"ce": CE(deepest), "byot_ce": (1-a) sum CE(q_i), "byot_kl": a sum KL_T(q_C||q_i),
-  "byot_feat": lambda sum ||F_i - F_C||^2}. ``early_exit``: None, "all", an index or a list."""
+  "byot_feat": lambda sum ||F_i - F_C||^2}. ``early_exit``: None, "all", an index, "1+2" or a list."""
   uses_teacher = False
   method_weight = 0.03
   temperature = 3.0
