@@ -16,9 +16,11 @@ the authors' public code (github.com/ArchipLab-LinfengZhang/pytorch-self-distill
 (``--feature_loss_coefficient``, here ``method_weight``), T = 3; the deepest head's CE has weight 1
 (not 1 - alpha); the KL at temperature T is *not* multiplied by T^2 (they use the soft
 cross-entropy, whose gradient is the KL's); F are pooled features (the deepest is the embedding,
-not a map). Their feature term is the journal version's ||FC(F_i) - F_C|| (a learned adapter, no
-square, norm over the whole batch, skipped for one head); their comment gives the conference
-version's as |F_i - F_C|^2, which we use as a per-sample squared distance averaged over the batch.
+not a map). Their feature term is the journal version's ||FC(F_i) - F_C|| (a learned FC adapter,
+no square, one norm over the whole [B, d] batch, and skipped for the head after the second-last
+stage although their comment says the shallowest); their comment gives the conference version's as
+|F_i - F_C|^2, which we use for every shallow head as a per-sample squared distance averaged over
+the batch. Their heads (attention map + separable-conv stacks) are not ours (README deviations).
 Works on any zoo net (``Outputs.features`` and ``embedding``, contract 1): no branching needed.
 
 Exports: the student (the full net) and, with ``early_exit``, ``exit<i>.keras`` per requested head:
