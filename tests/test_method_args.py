@@ -3,6 +3,8 @@ KDCL's ensemble, ...), parsed, checked against the method's signature and record
 import json
 import os
 
+import pytest
+
 from kd_tf2.engine import TrainConfig, config as cfg
 from support import COMMON, _assert_table_refused, ok, run
 
@@ -60,6 +62,11 @@ def test_method_args_reach_the_method_and_resume_checks_them(tmp_path):
   assert "branch2_top1" not in results
   assert os.path.exists(os.path.join(train_dir, "branch1.keras"))
   assert not os.path.exists(os.path.join(train_dir, "branch2.keras"))
+  # ONE's gated ensemble is a model of its own: test.py evaluates it like any .keras classifier
+  ensemble = os.path.join(train_dir, "ensemble.keras")
+  assert results["ensemble_keras_file"] == ensemble
+  evaluated = ok(run("test.py", [f"--model={ensemble}", f"--dataset={COMMON[0].split('=', 1)[1]}"]))
+  assert evaluated["top1"] == pytest.approx(results["ensemble_top1"], abs=1e-6)
   with open(os.path.join(train_dir, "flags.json")) as f:
     assert json.load(f)["settings"]["method_args"] == "branches=2"
   rerun = run("train.py", COMMON + ["--method=ONE", "--method_args=branches=3",

@@ -43,6 +43,12 @@ def logits(rng, n=3, b=6):
   return [rng.normal(size=(b, CLASSES)).astype(np.float32) * 3 for _ in range(n)]
 
 
+def _np_kl_eps(target_logits, logits, t):
+  """ONE's / OKDDip's KL in their code: T^2 * batchmean sum (p + 1e-7)(log(p + 1e-7) - log q)."""
+  p = np_soft(target_logits, t) + 1e-7
+  return t * t * float(np.mean(np.sum(p * (np.log(p) - np_log_softmax(logits / t)), axis=-1)))
+
+
 def test_cohort_kl_is_dml_eq10():
   rng = np.random.default_rng(0)
   zs, k = logits(rng), 1
@@ -59,7 +65,7 @@ def test_one_ensemble_and_distillation_are_eq5():
   ens = sum(gate[:, i:i + 1] * zs[i] for i in range(3))
   np.testing.assert_allclose(L.gate_ensemble(zs, gate).numpy(), ens, rtol=1e-5, atol=1e-6)
   t = 3.0
-  want = sum(t * t * np_kl(np_soft(ens, t), np_log_softmax(z / t)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, t) for z in zs)
   assert float(L.one_loss(zs, ens, t)) == pytest.approx(want, rel=1e-5)
 
 
@@ -118,9 +124,17 @@ def batch(b=8, seed=0):
           "index": tf.range(b, dtype=tf.int64)}
 
 
-def test_one_terms_follow_eq6_on_its_branches():
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (60, np.exp(-5.0 / 16)), (80, 1.0)])
+def test_sigmoid_rampup_is_the_authors_consistency_weight(epoch, ramp):
+  assert float(L.sigmoid_rampup(epoch, 80.0)) == pytest.approx(ramp, rel=1e-6)
+  assert float(L.sigmoid_rampup(epoch, 0.0)) == 1.0
+
+
+@pytest.mark.parametrize("epoch", [0, 80])
+def test_one_terms_follow_eq6_on_its_branches(epoch):
   d = distillers.create("ONE", net(seed=1), None)
-  assert d.num_branches == 3 and d.temperature == 3.0
+  assert d.num_branches == 3 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   shared = d.shared(b["image"], False)
@@ -133,7 +147,7 @@ def test_one_terms_follow_eq6_on_its_branches():
   assert float(terms["ce"]) == pytest.approx(np_ce(zs[0], y), rel=1e-5)
   assert float(terms["branch_ce"]) == pytest.approx(np_ce(zs[1], y) + np_ce(zs[2], y), rel=1e-5)
   assert float(terms["ensemble_ce"]) == pytest.approx(np_ce(ens, y), rel=1e-5)
-  want = sum(9.0 * np_kl(np_soft(ens, 3.0), np_log_softmax(z / 3.0)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, 3.0) for z in zs) * (np.exp(-5.0) if epoch == 0 else 1.0)
   assert float(terms["one"]) == pytest.approx(want, rel=1e-4)
 
 
@@ -153,6 +167,23 @@ def test_branches_share_the_trunk_and_export_as_plain_nets(tmp_path):
   # the clones' own trunk is frozen: never optimised
   trunk_ids = {id(v) for layer in nb.trunk_layers(d.clones[0], d.split) for v in layer.weights}
   assert not trunk_ids & {id(v) for v in d.variables_to_train()}
+
+
+@pytest.mark.parametrize("method", ["ONE", "OKDDip"])
+def test_the_ensemble_exports_as_one_model_equal_to_its_view(tmp_path, method):
+  d = distillers.create(method, net(seed=1), None)
+  x = batch()["image"]
+  view = d.eval_models()["ensemble"](x).numpy()
+  exported = d.extra_exports()["ensemble"]
+  np.testing.assert_allclose(exported(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
+  if method == "ONE":  # gated: not the plain mean of the branches
+    branches = np.mean([v(x).numpy() for k, v in d.eval_models().items() if k != "ensemble"]
+                       + [d.student(x, training=False).numpy()], axis=0)
+    assert not np.allclose(view, branches, atol=1e-4)
+  path = str(tmp_path / "ensemble.keras")
+  exported.save(path)
+  loaded = keras.saving.load_model(path, compile=False)
+  np.testing.assert_allclose(loaded(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
 
 
 def test_cl_terms_and_gradient_rescaling():
@@ -465,27 +496,41 @@ def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------ OKDDip
-def test_okddip_terms_follow_the_paper_on_its_branches():
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (40, np.exp(-1.25)), (95, 1.0)])
+def test_okddip_terms_follow_the_authors_code_on_its_branches(epoch, ramp):
   d = distillers.create("OKDDip", net(seed=1), None)
-  assert d.num_branches == 4 and d.temperature == 3.0
+  assert d.num_branches == 4 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   outs = d.branch_outputs(d.shared(b["image"], False), False)
   z = [o.logits.numpy() for o in outs]
   e = np.stack([o.embedding.numpy() for o in outs[1:]], axis=1)  # [B, 3, d]
-  wq, bq = (v.numpy() for v in d.query.weights)
-  wk, bk = (v.numpy() for v in d.key.weights)
-  q, k = e @ wq + bq, e @ wk + bk
+  assert [len(v.weights) for v in (d.query, d.key)] == [1, 1]  # no bias
+  wq, wk = d.query.weights[0].numpy(), d.key.weights[0].numpy()
+  assert wq.shape == (e.shape[-1], e.shape[-1] // 8)
+  q, k = e @ wq, e @ wk
   energy = np.einsum("bid,bjd->bij", q, k)
   a = np.exp(energy - energy.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
   peers = np.stack(z[1:], axis=1)
   targets = np.einsum("bij,bjk->bik", a, peers)
-  first = sum(9.0 * np_kl(np_soft(targets[:, i], 3.0), np_log_softmax(z[i + 1] / 3.0))
-              for i in range(3))
-  assert float(terms["okd_peer"]) == pytest.approx(first, rel=1e-4)
-  mean = np.mean(z[1:], axis=0)
-  second = 9.0 * np_kl(np_soft(mean, 3.0), np_log_softmax(z[0] / 3.0))
-  assert float(terms["okd_leader"]) == pytest.approx(second, rel=1e-4)
+  first = sum(_np_kl_eps(targets[:, i], z[i + 1], 3.0) for i in range(3))
+  assert float(terms["okd_peer"]) == pytest.approx(ramp * first, rel=1e-4)
+  second = _np_kl_eps(np.mean(z[1:], axis=0), z[0], 3.0)
+  assert float(terms["okd_leader"]) == pytest.approx(ramp * second, rel=1e-4)
   y = b["label"].numpy()
   assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)
+
+
+def test_okddip_targets_pass_gradient_to_the_peers_as_in_the_authors_code():
+  d = distillers.create("OKDDip", net(seed=1), None)
+  d.epoch.assign(100.0)
+  b = batch()
+  with tf.GradientTape() as tape:
+    outs = d.branch_outputs(d.shared(b["image"], False), False)
+    z = tf.stack([p.logits for p in outs[1:]], axis=1)
+    tape.watch(z)
+    loss = L.okddip_leader_kl(outs[0].logits, z, 3.0)
+  grad = tape.gradient(loss, z)
+  assert float(tf.reduce_max(tf.abs(grad))) > 0  # a detached mean would give None / zeros
