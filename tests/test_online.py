@@ -1,6 +1,8 @@
 """Online methods (DML cohorts, KDCL, ONE, CL): losses against NumPy versions of the papers'
 formulas, the methods' terms against the same formulas on their own nets, branch export,
 checkpoint + resume of every net, bad input."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -369,13 +371,90 @@ def test_byot_terms_are_eq1_to_3_over_its_heads():
   assert all(f.shape == fc.shape for _, f in outs)
   assert float(terms["byot_ce"]) == pytest.approx(0.7 * sum(np_ce(z, y) for z, _ in outs),
                                                   rel=1e-5)
-  kl = sum(9.0 * np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
+  # the authors' code: alpha * KL at T=3, no T^2 factor (their soft cross-entropy's gradient)
+  kl = sum(np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
   assert float(terms["byot_kl"]) == pytest.approx(0.3 * kl, rel=1e-4)
   feat = sum(np.mean(np.sum((f - fc) ** 2, axis=-1)) for _, f in outs)
   assert float(terms["byot_feat"]) == pytest.approx(0.03 * feat, rel=1e-4)
   views = d.eval_models()
   np.testing.assert_allclose(views["head1"](b["image"]).numpy(), outs[0][0], rtol=1e-5,
                              atol=1e-6)
+
+
+def _shuffle_batchnorm_statistics(layers, seed):
+  """Random moving means/variances, so inference differs from a freshly built net."""
+  rng = np.random.default_rng(seed)
+  for layer in layers:
+    for v in layer.weights:
+      if "moving_mean" in v.path:
+        v.assign(rng.normal(scale=0.1, size=v.shape).astype(np.float32))
+      elif "moving_variance" in v.path:
+        v.assign(rng.uniform(0.5, 2.0, size=v.shape).astype(np.float32))
+
+
+def test_byot_early_exits_are_truncated_and_round_trip_as_keras(tmp_path):
+  student = net(seed=1)
+  d = distillers.create("BYOT", student, None, early_exit="all")
+  assert d.exits == (1, 2) and d.hparams()["early_exit"] == "1,2"
+  _shuffle_batchnorm_statistics([student] + d.heads, seed=3)
+  x = batch(b=4, seed=5)["image"]
+  views, exports = d.eval_models(), d.extra_exports()
+  assert set(exports) == {"exit1", "exit2"}
+  for i in (1, 2):
+    model = exports[f"exit{i}"]
+    # truly truncated: the stem, stages 1..i and head i only; no deeper stage, no net classifier
+    deeper = [b for blocks in model.net.stages[i:] for b in blocks] + [model.net.classifier]
+    assert all(not layer.weights for layer in deeper)
+    kept = nb.trunk_layers(model.net, i) + [model.head]
+    assert {id(v) for v in model.weights} == {id(v) for layer in kept for v in layer.weights}
+    trunk = sum(len(layer.weights) for layer in nb.trunk_layers(student, i))
+    assert len(model.weights) == trunk + len(d.heads[i - 1].weights)
+    assert not [v.path for v in model.weights if "layer3" in v.path]  # resnet8's last stage
+    want = views[f"head{i}"](x).numpy()
+    np.testing.assert_allclose(model(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / f"exit{i}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert (loaded.arch, loaded.num_classes, len(loaded.weights)) == (
+        f"resnet8_exit{i}", CLASSES, len(model.weights))
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
+  assert distillers.create("BYOT", net(), None, early_exit="2").extra_exports().keys() == {"exit2"}
+  assert distillers.create("BYOT", net(), None, early_exit="none").extra_exports() == {}
+
+
+@pytest.mark.parametrize("value", [3, 0, "first", True, 1.0, "1+3"])
+def test_byot_bad_early_exit_is_one_line(value):
+  with pytest.raises(UsageError) as e:
+    distillers.create("BYOT", net(), None, early_exit=value)
+  assert str(e.value) == (f"early_exit={value!r} for BYOT on resnet8: accepted: none, all, or "
+                          "head indices 1..2 (e.g. 1 or 1+2)")
+
+
+def test_byot_early_exit_needs_a_staged_net():
+  with pytest.raises(UsageError, match=r"^early_exit='all' for BYOT on wrn_16_1: accepted: none "
+                     r"\(wrn_16_1 is not a staged net of 2\+ stages\)$"):
+    distillers.create("BYOT", net("wrn_16_1"), None, early_exit="all")
+  assert distillers.create("BYOT", net("wrn_16_1"), None).extra_exports() == {}
+
+
+@pytest.mark.slow
+def test_byot_cli_leaves_exit_files_that_test_py_evaluates(tmp_path):
+  from support import DATA, ok, run, write_image
+  train_dir = str(tmp_path / "byot")
+  results = ok(run("train.py", [
+      "--method=BYOT", "--arch=resnet8", f"--dataset={DATA}", "--batch_size=32", "--epochs=1",
+      "--method_args=early_exit=2", f"--train_dir={train_dir}"]))
+  assert os.path.isfile(os.path.join(train_dir, "exit2.keras"))
+  assert not os.path.exists(os.path.join(train_dir, "exit1.keras"))
+  assert results["exit2_keras_file"] == os.path.join(train_dir, "exit2.keras")
+  # a fresh process loads it (test.py imports only the project) and scores it as head 2 scored
+  scored = ok(run("test.py", [f"--model={train_dir}/exit2.keras", f"--dataset={DATA}"]))
+  assert scored["top1"] == pytest.approx(results["head2_top1"], abs=1e-6)
+  import kd_tf2
+  image = str(tmp_path / "img.png")
+  write_image(image, np.full((32, 32, 3), 128, np.uint8))
+  top = kd_tf2.predict(os.path.join(train_dir, "exit2.keras"), [image], top=3)[0]
+  assert len(top) == 3 and all(0.0 <= p <= 1.0 for _, p in top)
 
 
 # ------------------------------------------------------------------------------ TAKD chains
