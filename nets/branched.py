@@ -54,23 +54,27 @@ class Tree:
     return [list(range(g, g + size)) for g in range(0, self.heads, size)]
 
 
-def check_branchable(net):
-  """``ValueError`` unless ``net`` is a zoo net (only they have the staged-forward protocol)."""
+def check_branchable(net, split=None):
+  """``ValueError`` unless ``net`` is a zoo net (only they have the staged-forward protocol) and,
+  given ``split``, it can be cut after ``split`` stages (0..n-1)."""
   if not isinstance(net, ZooNet):
     raise ValueError(f"{getattr(net, 'arch', net.name)} cannot be branched: only zoo nets "
                      "(nets.create) are; an adapted model has no stages to split")
+  if split is not None:
+    check_tree(net, Tree((split,), (2,)))
 
 
-def check_tree(net, tree):
-  """``ValueError`` naming the bad value unless ``net`` is a zoo net that ``tree`` can split."""
+def check_tree(net, tree, who=""):
+  """``ValueError`` naming the bad value unless ``net`` is a zoo net that ``tree`` can split;
+  ``who`` follows the value in the message (e.g. " for method CL")."""
   check_branchable(net)
   n = net.num_stages
   s, b = tree.splits, tree.branches
   if not _ints(s) or list(s) != sorted(set(s)) or s[0] < 0 or s[-1] >= n:
-    raise ValueError(f"splits={joined(s)}: {net.arch} has {n} stages; give increasing counts of "
-                     f"shared stages in 0..{n - 1}")
+    raise ValueError(f"splits={joined(s)}{who}: {net.arch} has {n} stages; give increasing "
+                     f"counts of shared stages in 0..{n - 1}")
   if not _ints(b) or len(b) != len(s) or min(b) < 2:
-    raise ValueError(f"branches={joined(b)}: give one integer >= 2 per split level "
+    raise ValueError(f"branches={joined(b)}{who}: must be an integer >= 2 per split level "
                      f"(splits={joined(s)})")
 
 
@@ -81,6 +85,11 @@ def _ints(values):
 def joined(values):
   """(1, 2) -> '1-2': how splits/branches read in messages and settings (``--method_args``)."""
   return "-".join(str(v) for v in values)
+
+
+def trunk_layers(net, split):
+  """The layers of the stem and the first ``split`` stages of ``net``."""
+  return [layer for part in net.part_layers()[:split + 1] for layer in part]
 
 
 def trunk(net, x, training, split):
@@ -166,5 +175,6 @@ def default_split(net):
   return net.num_stages - 1
 
 
-__all__ = ["Tree", "check_branchable", "check_tree", "trunk", "run", "finish", "branch", "tree_outputs",
-           "head_outputs", "joined", "unused_layers", "freeze_unused", "export_head", "default_split"]
+__all__ = ["Tree", "check_branchable", "check_tree", "trunk", "trunk_layers", "run", "finish",
+           "branch", "tree_outputs", "head_outputs", "joined", "unused_layers", "freeze_unused",
+           "export_head", "default_split"]

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import nets
 from nets import branched as nb
+from nets import ensembles
 from kd_tf2.checks import is_int
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
@@ -98,10 +99,14 @@ class BranchedDistiller(Distiller):
   net forks, an int or increasing ints as a tuple or a string "1-2" / "1/2"; ``split`` - the same
   for one level (ONE, OKDDip); ``branches`` - children per fork, an int (every level) or one per
   split in the same forms. Defaults: ``default_tree(student)``. Methods whose papers fork once set
-  ``max_levels = 1``."""
+  ``max_levels = 1``. Methods whose ensemble is a model of its own set ``exports_ensemble``: it is
+  exported as ``ensemble.keras`` (``nets.ensembles``, one level), the mean of the branches
+  ``ensemble_members`` (None: all) or, with a ``gate`` layer, their gated sum."""
   uses_teacher = False
   branches = 3
   max_levels = None
+  exports_ensemble = False
+  ensemble_members = None
 
   def __init__(self, student, teacher, *, branches=None, splits=None, split=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
@@ -113,22 +118,26 @@ class BranchedDistiller(Distiller):
       nb.check_branchable(student)
     except ValueError as e:
       raise UsageError(f"method {self.method_name}: {e}") from None
+    who = f" for method {self.method_name}"
     default_splits, default_branches = self.default_tree(student)
     splits = default_splits if splits is None else int_tuple("splits", splits, self.method_name)
-    if branches is None and splits != default_splits:
-      branches = type(self).branches
-    branches = (default_branches if branches is None
-                else int_tuple("branches", branches, self.method_name))
+    if branches is None:
+      branches = default_branches if splits == default_splits else (type(self).branches,)
+    else:
+      branches = int_tuple("branches", branches, self.method_name)
+      if min(branches) < 2:
+        raise UsageError(f"branches={nb.joined(branches)}{who}: must be an integer >= 2 (the "
+                         "children of each fork: one count, or one per split level)")
     if len(branches) == 1 and len(splits) > 1:
       branches = branches * len(splits)
     if self.max_levels is not None and len(splits) > self.max_levels:
-      raise UsageError(f"splits={nb.joined(splits)} for method {self.method_name}: it forks at "
-                       "one split point; give one count of shared stages")
+      raise UsageError(f"splits={nb.joined(splits)}{who}: it forks at one split point; give one "
+                       "count of shared stages")
     self.tree = nb.Tree(splits, branches)
     try:
-      nb.check_tree(student, self.tree)
+      nb.check_tree(student, self.tree, who)
     except ValueError as e:
-      raise UsageError(f"method {self.method_name}: {e}") from None
+      raise UsageError(str(e)) from None
     self.num_branches, self.split = self.tree.heads, splits[0]
     clones = []
     for h in range(1, self.tree.heads):
@@ -143,8 +152,9 @@ class BranchedDistiller(Distiller):
     return (nb.default_split(student),), (type(self).branches,)
 
   def setup(self, input_shape):
+    self.image_shape = tuple(int(d) for d in input_shape)
     for net in self.clones:
-      net.build((None,) + tuple(int(d) for d in input_shape))
+      net.build((None,) + self.image_shape)
     return super().setup(input_shape)
 
   def branch_nets(self):
@@ -168,9 +178,15 @@ class BranchedDistiller(Distiller):
     return [f"branch{i}" for i in range(1, self.num_branches)]
 
   def extra_exports(self):
-    """Heads 1..H-1 as plain zoo nets (the parts they share copied in)."""
-    return {name: nb.export_head(self.branch_nets(), self.tree, h)
-            for h, name in enumerate(self.branch_names(), start=1)}
+    """Heads 1..H-1 as plain zoo nets (the parts they share copied in), and the ensemble as one
+    model when the method has one (``exports_ensemble``)."""
+    out = {name: nb.export_head(self.branch_nets(), self.tree, h)
+           for h, name in enumerate(self.branch_names(), start=1)}
+    if self.exports_ensemble:
+      out["ensemble"] = ensembles.BranchEnsemble.of(
+          self.branch_nets(), self.split, self.image_shape, members=self.ensemble_members,
+          gate=getattr(self, "gate", None))
+    return out
 
   def ensemble_logits(self, outs, shared, training):
     """Logits of the branches' ensemble (override; default: mean of the branches' logits)."""
