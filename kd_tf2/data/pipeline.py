@@ -70,14 +70,22 @@ def crop_and_flip_views(images, randoms, pad=PAD):
 
 
 def _view_randoms(seed, views):
-  """A dataset of one random int64 per sample (views == 1), or of [views] of them: the first
-  from the augmentation's stream ``seed`` (as without views), the others from ``seed + 1``."""
+  """A dataset of one random int64 per sample (views == 1), or of a pair (int64, int64
+  [views - 1]): view 0's from the augmentation's stream ``seed`` (as without views), the other
+  views' from ``seed + 1``. ``_per_view`` joins the pair (after batching: no per-sample map)."""
   first = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
   if views == 1:
     return first
   others = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-  others = others.batch(views - 1, drop_remainder=True)
-  return tf.data.Dataset.zip(first, others).map(lambda r, o: tf.concat([[r], o], 0))
+  return tf.data.Dataset.zip(first, others.batch(views - 1, drop_remainder=True))
+
+
+def _per_view(randoms):
+  """``_view_randoms``' pair (int64 [...], [..., K - 1]) -> int64 [..., K]; a tensor as is."""
+  if not isinstance(randoms, tuple):
+    return randoms
+  first, others = randoms
+  return tf.concat([first[..., None], others], -1)
 
 
 def _sub_seeds(seed):
@@ -148,7 +156,7 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
       raise ValueError("class-paired batches (CS-KD) need random access to the samples: a folder "
                        "or in-memory data, not a TFRecord stream")
     ds = paired.class_partners(ds, source.labels, indices, payload, shuffle_seed + 1)
-  if augment:  # one random int64 per sample, or [views] of them
+  if augment:  # one random int64 per sample (views == 1), or one per view
     ds = tf.data.Dataset.zip(ds, _view_randoms(augment_seed, views))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   out_size = batch_size
@@ -159,6 +167,7 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
   def finish(pixels, index, randoms=None):
     """pixels [B, H, W, C] (or [B, K, H, W, C]: views already made) -> the batch dict."""
     if randoms is not None:
+      randoms = _per_view(randoms)
       pixels = crop_and_flip(pixels, randoms) if views == 1 else crop_and_flip_views(pixels,
                                                                                      randoms)
     x = tf.cast(pixels, tf.float32) * scale - shift
@@ -193,6 +202,7 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
         return (transforms.resize_and_centre_crop(image, side), index)
       if views == 1:
         return (transforms.random_resized_crop(image, side, random), index)
+      random = _per_view(random)
       return (tf.stack([transforms.random_resized_crop(image, side, random[k])
                         for k in range(views)]), index)
     image = transforms.fit(image, *size)
