@@ -41,6 +41,11 @@ flags.DEFINE_string("peers", "", "Online methods (DML, KDCL): comma-separated ne
 flags.DEFINE_string("assistants", "", "Teacher-assistant chain (TAKD): comma-separated nets "
                     "distilled in turn between the teacher and the student with --method, each in "
                     "TRAIN_DIR/assistant<k>_<arch>.")
+flags.DEFINE_string("method_args", "", "The method's own keywords without a flag of their own, "
+                    "KEY=VALUE[,KEY=VALUE...] (values: ints, floats, true/false, none, text), e.g. "
+                    "--method=ONE --method_args=branches=4 or --method=KDCL "
+                    "--method_args=ensemble=naive; an unknown key is refused with the accepted "
+                    "ones.")
 flags.DEFINE_string("dataset", "cifar100", "cifar10, cifar100, any tfds image-classification "
                     "name, folder:PATH, cifar10_mini (embedded, offline) or synthetic.")
 flags.DEFINE_string("data_dir", "", "tfds data directory (default: tfds' own).")
@@ -95,9 +100,9 @@ flags.DEFINE_float("checkpoint_every_minutes", 0.0, "Also checkpoint when this m
                    "passed since the last checkpoint (0: off; not with multi_worker).")
 
 _FIELDS = ("method", "arch", "teacher_arch", "teacher_ckpt", "teacher_features",
-           "student_features", "peers", "assistants", "dataset", "data_dir", "fraction",
-           "image_size", "augment", "cache", "seed", "protocol", "epochs", "teacher_epochs",
-           "init_epochs", "batch_size", "lr", "weight_decay",
+           "student_features", "peers", "assistants", "method_args", "dataset", "data_dir",
+           "fraction", "image_size", "augment", "cache", "seed", "protocol", "epochs",
+           "teacher_epochs", "init_epochs", "batch_size", "lr", "weight_decay",
            "ce_weight", "kd_weight", "method_weight", "temperature", "train_dir", "strategy",
            "cpu_replicas", "cluster_timeout", "jit_compile", "mixed_precision",
            "log_every_n_steps", "checkpoint_every_n_steps", "checkpoint_every_minutes")

@@ -12,7 +12,7 @@ from nets.weights import load_reference_weights, read_state, reference_state
 # Importing the family modules registers their names.
 # pylint: disable=wrong-import-position
 from nets import (resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenetv1,  # noqa: F401
-                  shufflenetv2, imagenet)
+                  shufflenetv2, imagenet, ensembles, exits)
 
 __all__ = ["Outputs", "available", "canonical_name", "create", "register",
            "load_reference_weights", "read_state", "reference_state"]

@@ -1,6 +1,8 @@
 """Online methods (DML cohorts, KDCL, ONE, CL): losses against NumPy versions of the papers'
 formulas, the methods' terms against the same formulas on their own nets, branch export,
 checkpoint + resume of every net, bad input."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -41,6 +43,12 @@ def logits(rng, n=3, b=6):
   return [rng.normal(size=(b, CLASSES)).astype(np.float32) * 3 for _ in range(n)]
 
 
+def _np_kl_eps(target_logits, logits, t):
+  """ONE's / OKDDip's KL in their code: T^2 * batchmean sum (p + 1e-7)(log(p + 1e-7) - log q)."""
+  p = np_soft(target_logits, t) + 1e-7
+  return t * t * float(np.mean(np.sum(p * (np.log(p) - np_log_softmax(logits / t)), axis=-1)))
+
+
 def test_cohort_kl_is_dml_eq10():
   rng = np.random.default_rng(0)
   zs, k = logits(rng), 1
@@ -57,7 +65,7 @@ def test_one_ensemble_and_distillation_are_eq5():
   ens = sum(gate[:, i:i + 1] * zs[i] for i in range(3))
   np.testing.assert_allclose(L.gate_ensemble(zs, gate).numpy(), ens, rtol=1e-5, atol=1e-6)
   t = 3.0
-  want = sum(t * t * np_kl(np_soft(ens, t), np_log_softmax(z / t)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, t) for z in zs)
   assert float(L.one_loss(zs, ens, t)) == pytest.approx(want, rel=1e-5)
 
 
@@ -116,9 +124,17 @@ def batch(b=8, seed=0):
           "index": tf.range(b, dtype=tf.int64)}
 
 
-def test_one_terms_follow_eq6_on_its_branches():
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (60, np.exp(-5.0 / 16)), (80, 1.0)])
+def test_sigmoid_rampup_is_the_authors_consistency_weight(epoch, ramp):
+  assert float(L.sigmoid_rampup(epoch, 80.0)) == pytest.approx(ramp, rel=1e-6)
+  assert float(L.sigmoid_rampup(epoch, 0.0)) == 1.0
+
+
+@pytest.mark.parametrize("epoch", [0, 80])
+def test_one_terms_follow_eq6_on_its_branches(epoch):
   d = distillers.create("ONE", net(seed=1), None)
-  assert d.num_branches == 3 and d.temperature == 3.0
+  assert d.num_branches == 3 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   shared = d.shared(b["image"], False)
@@ -131,7 +147,7 @@ def test_one_terms_follow_eq6_on_its_branches():
   assert float(terms["ce"]) == pytest.approx(np_ce(zs[0], y), rel=1e-5)
   assert float(terms["branch_ce"]) == pytest.approx(np_ce(zs[1], y) + np_ce(zs[2], y), rel=1e-5)
   assert float(terms["ensemble_ce"]) == pytest.approx(np_ce(ens, y), rel=1e-5)
-  want = sum(9.0 * np_kl(np_soft(ens, 3.0), np_log_softmax(z / 3.0)) for z in zs)
+  want = sum(_np_kl_eps(ens, z, 3.0) for z in zs) * (np.exp(-5.0) if epoch == 0 else 1.0)
   assert float(terms["one"]) == pytest.approx(want, rel=1e-4)
 
 
@@ -151,6 +167,23 @@ def test_branches_share_the_trunk_and_export_as_plain_nets(tmp_path):
   # the clones' own trunk is frozen: never optimised
   trunk_ids = {id(v) for layer in nb.trunk_layers(d.clones[0], d.split) for v in layer.weights}
   assert not trunk_ids & {id(v) for v in d.variables_to_train()}
+
+
+@pytest.mark.parametrize("method", ["ONE", "OKDDip"])
+def test_the_ensemble_exports_as_one_model_equal_to_its_view(tmp_path, method):
+  d = distillers.create(method, net(seed=1), None)
+  x = batch()["image"]
+  view = d.eval_models()["ensemble"](x).numpy()
+  exported = d.extra_exports()["ensemble"]
+  np.testing.assert_allclose(exported(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
+  if method == "ONE":  # gated: not the plain mean of the branches
+    branches = np.mean([v(x).numpy() for k, v in d.eval_models().items() if k != "ensemble"]
+                       + [d.student(x, training=False).numpy()], axis=0)
+    assert not np.allclose(view, branches, atol=1e-4)
+  path = str(tmp_path / "ensemble.keras")
+  exported.save(path)
+  loaded = keras.saving.load_model(path, compile=False)
+  np.testing.assert_allclose(loaded(x, training=False).numpy(), view, rtol=1e-5, atol=1e-5)
 
 
 def test_cl_terms_and_gradient_rescaling():
@@ -304,7 +337,7 @@ def test_checkpoint_restores_every_net(tmp_path, method, hparams):
   assert b.restore() == (1, 0)
   nets_a = [a.student] + list(a.distiller.extra_exports().values())
   nets_b = [b.student] + list(b.distiller.extra_exports().values())
-  assert len(nets_a) == (3 if method == "ONE" else 2)
+  assert len(nets_a) == (4 if method == "ONE" else 2)  # ONE: student, 2 branches, ensemble
   for na, nb_ in zip(nets_a, nets_b):
     for va, vb in zip(na.weights, nb_.weights):
       np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
@@ -391,13 +424,90 @@ def test_byot_terms_are_eq1_to_3_over_its_heads():
   assert all(f.shape == fc.shape for _, f in outs)
   assert float(terms["byot_ce"]) == pytest.approx(0.7 * sum(np_ce(z, y) for z, _ in outs),
                                                   rel=1e-5)
-  kl = sum(9.0 * np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
+  # the authors' code: alpha * KL at T=3, no T^2 factor (their soft cross-entropy's gradient)
+  kl = sum(np_kl(np_soft(zc, 3.0), np_log_softmax(z / 3.0)) for z, _ in outs)
   assert float(terms["byot_kl"]) == pytest.approx(0.3 * kl, rel=1e-4)
   feat = sum(np.mean(np.sum((f - fc) ** 2, axis=-1)) for _, f in outs)
   assert float(terms["byot_feat"]) == pytest.approx(0.03 * feat, rel=1e-4)
   views = d.eval_models()
   np.testing.assert_allclose(views["head1"](b["image"]).numpy(), outs[0][0], rtol=1e-5,
                              atol=1e-6)
+
+
+def _shuffle_batchnorm_statistics(layers, seed):
+  """Random moving means/variances, so inference differs from a freshly built net."""
+  rng = np.random.default_rng(seed)
+  for layer in layers:
+    for v in layer.weights:
+      if "moving_mean" in v.path:
+        v.assign(rng.normal(scale=0.1, size=v.shape).astype(np.float32))
+      elif "moving_variance" in v.path:
+        v.assign(rng.uniform(0.5, 2.0, size=v.shape).astype(np.float32))
+
+
+def test_byot_early_exits_are_truncated_and_round_trip_as_keras(tmp_path):
+  student = net(seed=1)
+  d = distillers.create("BYOT", student, None, early_exit="all")
+  assert d.exits == (1, 2) and d.hparams()["early_exit"] == "1,2"
+  _shuffle_batchnorm_statistics([student] + d.heads, seed=3)
+  x = batch(b=4, seed=5)["image"]
+  views, exports = d.eval_models(), d.extra_exports()
+  assert set(exports) == {"exit1", "exit2"}
+  for i in (1, 2):
+    model = exports[f"exit{i}"]
+    # truly truncated: the stem, stages 1..i and head i only; no deeper stage, no net classifier
+    deeper = [b for blocks in model.net.stages[i:] for b in blocks] + [model.net.classifier]
+    assert all(not layer.weights for layer in deeper)
+    kept = nb.trunk_layers(model.net, i) + [model.head]
+    assert {id(v) for v in model.weights} == {id(v) for layer in kept for v in layer.weights}
+    trunk = sum(len(layer.weights) for layer in nb.trunk_layers(student, i))
+    assert len(model.weights) == trunk + len(d.heads[i - 1].weights)
+    assert not [v.path for v in model.weights if "layer3" in v.path]  # resnet8's last stage
+    want = views[f"head{i}"](x).numpy()
+    np.testing.assert_allclose(model(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / f"exit{i}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert (loaded.arch, loaded.num_classes, len(loaded.weights)) == (
+        f"resnet8_exit{i}", CLASSES, len(model.weights))
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
+  assert distillers.create("BYOT", net(), None, early_exit="2").extra_exports().keys() == {"exit2"}
+  assert distillers.create("BYOT", net(), None, early_exit="none").extra_exports() == {}
+
+
+@pytest.mark.parametrize("value", [3, 0, "first", True, 1.0, "1+3"])
+def test_byot_bad_early_exit_is_one_line(value):
+  with pytest.raises(UsageError) as e:
+    distillers.create("BYOT", net(), None, early_exit=value)
+  assert str(e.value) == (f"early_exit={value!r} for BYOT on resnet8: accepted: none, all, or "
+                          "head indices 1..2 (e.g. 1 or 1+2)")
+
+
+def test_byot_early_exit_needs_a_staged_net():
+  with pytest.raises(UsageError, match=r"^early_exit='all' for BYOT on wrn_16_1: accepted: none "
+                     r"\(wrn_16_1 is not a staged net of 2\+ stages\)$"):
+    distillers.create("BYOT", net("wrn_16_1"), None, early_exit="all")
+  assert distillers.create("BYOT", net("wrn_16_1"), None).extra_exports() == {}
+
+
+@pytest.mark.slow
+def test_byot_cli_leaves_exit_files_that_test_py_evaluates(tmp_path):
+  from support import DATA, ok, run, write_image
+  train_dir = str(tmp_path / "byot")
+  results = ok(run("train.py", [
+      "--method=BYOT", "--arch=resnet8", f"--dataset={DATA}", "--batch_size=32", "--epochs=1",
+      "--method_args=early_exit=2", f"--train_dir={train_dir}"]))
+  assert os.path.isfile(os.path.join(train_dir, "exit2.keras"))
+  assert not os.path.exists(os.path.join(train_dir, "exit1.keras"))
+  assert results["exit2_keras_file"] == os.path.join(train_dir, "exit2.keras")
+  # a fresh process loads it (test.py imports only the project) and scores it as head 2 scored
+  scored = ok(run("test.py", [f"--model={train_dir}/exit2.keras", f"--dataset={DATA}"]))
+  assert scored["top1"] == pytest.approx(results["head2_top1"], abs=1e-6)
+  import kd_tf2
+  image = str(tmp_path / "img.png")
+  write_image(image, np.full((32, 32, 3), 128, np.uint8))
+  top = kd_tf2.predict(os.path.join(train_dir, "exit2.keras"), [image], top=3)[0]
+  assert len(top) == 3 and all(0.0 <= p <= 1.0 for _, p in top)
 
 
 # ------------------------------------------------------------------------------ TAKD chains
@@ -439,27 +549,41 @@ def test_takd_chain_trains_every_link_once_and_reuses_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------ OKDDip
-def test_okddip_terms_follow_the_paper_on_its_branches():
+@pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (40, np.exp(-1.25)), (95, 1.0)])
+def test_okddip_terms_follow_the_authors_code_on_its_branches(epoch, ramp):
   d = distillers.create("OKDDip", net(seed=1), None)
-  assert d.num_branches == 4 and d.temperature == 3.0
+  assert d.num_branches == 4 and d.temperature == 3.0 and d.rampup == 80.0
+  d.epoch.assign(float(epoch))
   b = batch()
   terms, _ = d.all_terms(b["image"], b["label"], False)
   outs = d.branch_outputs(d.shared(b["image"], False), False)
   z = [o.logits.numpy() for o in outs]
   e = np.stack([o.embedding.numpy() for o in outs[1:]], axis=1)  # [B, 3, d]
-  wq, bq = (v.numpy() for v in d.query.weights)
-  wk, bk = (v.numpy() for v in d.key.weights)
-  q, k = e @ wq + bq, e @ wk + bk
+  assert [len(v.weights) for v in (d.query, d.key)] == [1, 1]  # no bias
+  wq, wk = d.query.weights[0].numpy(), d.key.weights[0].numpy()
+  assert wq.shape == (e.shape[-1], e.shape[-1] // 8)
+  q, k = e @ wq, e @ wk
   energy = np.einsum("bid,bjd->bij", q, k)
   a = np.exp(energy - energy.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
   peers = np.stack(z[1:], axis=1)
   targets = np.einsum("bij,bjk->bik", a, peers)
-  first = sum(9.0 * np_kl(np_soft(targets[:, i], 3.0), np_log_softmax(z[i + 1] / 3.0))
-              for i in range(3))
-  assert float(terms["okd_peer"]) == pytest.approx(first, rel=1e-4)
-  mean = np.mean(z[1:], axis=0)
-  second = 9.0 * np_kl(np_soft(mean, 3.0), np_log_softmax(z[0] / 3.0))
-  assert float(terms["okd_leader"]) == pytest.approx(second, rel=1e-4)
+  first = sum(_np_kl_eps(targets[:, i], z[i + 1], 3.0) for i in range(3))
+  assert float(terms["okd_peer"]) == pytest.approx(ramp * first, rel=1e-4)
+  second = _np_kl_eps(np.mean(z[1:], axis=0), z[0], 3.0)
+  assert float(terms["okd_leader"]) == pytest.approx(ramp * second, rel=1e-4)
   y = b["label"].numpy()
   assert float(terms["peer_ce"]) == pytest.approx(sum(np_ce(x, y) for x in z[1:]), rel=1e-5)
+
+
+def test_okddip_targets_pass_gradient_to_the_peers_as_in_the_authors_code():
+  d = distillers.create("OKDDip", net(seed=1), None)
+  d.epoch.assign(100.0)
+  b = batch()
+  with tf.GradientTape() as tape:
+    outs = d.branch_outputs(d.shared(b["image"], False), False)
+    z = tf.stack([p.logits for p in outs[1:]], axis=1)
+    tape.watch(z)
+    loss = L.okddip_leader_kl(outs[0].logits, z, 3.0)
+  grad = tape.gradient(loss, z)
+  assert float(tf.reduce_max(tf.abs(grad))) > 0  # a detached mean would give None / zeros

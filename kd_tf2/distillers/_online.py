@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import nets
 from nets import branched as nb
+from nets import ensembles
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
 
@@ -99,9 +100,14 @@ class PeersDistiller(Distiller):
 
 class BranchedDistiller(Distiller):
   """The student split after stage ``split`` (default: before its last stage) into ``branches``
-  branches (``nets.branched``); branch 0 is the student."""
+  branches (``nets.branched``); branch 0 is the student. Methods whose ensemble is a model of its
+  own set ``exports_ensemble``: it is exported as ``ensemble.keras`` (``nets.ensembles``), the
+  mean of the branches ``ensemble_members`` (None: all) or, with a ``gate`` layer, their gated
+  sum."""
   uses_teacher = False
   branches = 3
+  exports_ensemble = False
+  ensemble_members = None
 
   def __init__(self, student, teacher, *, branches=None, split=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
@@ -123,8 +129,9 @@ class BranchedDistiller(Distiller):
     self.clones = clones
 
   def setup(self, input_shape):
+    self.image_shape = tuple(int(d) for d in input_shape)
     for net in self.clones:
-      net.build((None,) + tuple(int(d) for d in input_shape))
+      net.build((None,) + self.image_shape)
     return super().setup(input_shape)
 
   def branch_nets(self):
@@ -142,9 +149,15 @@ class BranchedDistiller(Distiller):
     return [f"branch{i}" for i in range(1, self.num_branches)]
 
   def extra_exports(self):
-    """Branches 1..m-1 as plain zoo nets (the trunk copied in)."""
-    return {name: nb.export_branch(self.student, net, self.split)
-            for name, net in zip(self.branch_names(), self.clones)}
+    """Branches 1..m-1 as plain zoo nets (the trunk copied in), and the ensemble as one model
+    when the method has one (``exports_ensemble``)."""
+    out = {name: nb.export_branch(self.student, net, self.split)
+           for name, net in zip(self.branch_names(), self.clones)}
+    if self.exports_ensemble:
+      out["ensemble"] = ensembles.BranchEnsemble.of(
+          self.branch_nets(), self.split, self.image_shape, members=self.ensemble_members,
+          gate=getattr(self, "gate", None))
+    return out
 
   def ensemble_logits(self, outs, shared, training):
     """Logits of the branches' ensemble (override; default: mean of the branches' logits)."""

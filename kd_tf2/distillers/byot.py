@@ -2,64 +2,91 @@
 
 Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
 Neural Networks via Self Distillation", ICCV 2019, arXiv:1905.08094. After every stage but the last
-an auxiliary head: a bottleneck (conv3x3/2 + BN + ReLU, repeated until the map has the last stage's
-resolution; the last conv gives the embedding's width) + global average pooling + an FC
-classifier. The net's own classifier is the deepest, teacher head. Loss (eq. 1-3)
-over the shallow heads i:
+an auxiliary head (``nets.exits.BottleneckHead``): a bottleneck (conv3x3/2 + BN + ReLU, repeated
+until the map has the last stage's resolution; the last conv gives the embedding's width) + global
+average pooling + an FC classifier. The net's own classifier is the deepest, teacher head. Loss
+over the shallow heads i (q: logits [B, K], F: pooled features [B, d]):
 
-    L = CE(q_C, y) + sum_i [ (1 - alpha) CE(q_i, y) + alpha T^2 KL(q_C^T || q_i^T)
-                             + lambda ||F_i - F_C||^2 ]
+    L = CE(q_C, y) + sum_i [ (1 - alpha) CE(q_i, y) + alpha KL(q_C^T || q_i^T)
+                             + lambda mean_b ||F_i - F_C||^2 ]
 
-q_C / F_C (the deepest logits and embedding) detached in the distillation terms. Defaults
-alpha = 0.3 (``kd_weight``-like share, here ``alpha``), lambda = 0.03 (``method_weight``), T = 3:
-our reading of the authors' CIFAR setting (the paper gives the form, not one value set).
+q_C / F_C (the deepest logits and embedding) detached in the distillation terms. Checked against
+the authors' public code (github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final,
+``train.py``; the journal version): alpha = 0.3 (``--loss_coefficient``), lambda = 0.03
+(``--feature_loss_coefficient``, here ``method_weight``), T = 3; the deepest head's CE has weight 1
+(not 1 - alpha); the KL at temperature T is *not* multiplied by T^2 (they use the soft
+cross-entropy, whose gradient is the KL's); F are pooled features (the deepest is the embedding,
+not a map). Their feature term is the journal version's ||FC(F_i) - F_C|| (a learned FC adapter,
+no square, one norm over the whole [B, d] batch, and skipped for the head after the second-last
+stage although their comment says the shallowest); their comment gives the conference version's as
+|F_i - F_C|^2, which we use for every shallow head as a per-sample squared distance averaged over
+the batch. Their heads (attention map + separable-conv stacks) are not ours (README deviations).
 Works on any zoo net (``Outputs.features`` and ``embedding``, contract 1): no branching needed.
-The student (the full net) is exported; each head's test accuracy is logged (``head<i>``).
-Per replica: per-sample terms only (the heads' BatchNorm is synchronized like the student's).
+
+Exports: the student (the full net) and, with ``early_exit``, ``exit<i>.keras`` per requested head:
+a standalone ``nets.exits.EarlyExit`` running only the stem, stages 1..i and head i (staged nets;
+``nets.branched.trunk``); its logits equal the ``head<i>`` view. Each head's test accuracy is
+logged (``head<i>``). Per replica: per-sample terms only (the heads' BatchNorm is synchronized like
+the student's).
 """
-import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
 from kd_tf2.distillers import register
 from kd_tf2.distillers._online import _View
-from kd_tf2.distillers.base import Distiller, as_float32
+from kd_tf2.distillers.base import Distiller, arch_name, as_float32
+from kd_tf2.errors import UsageError
+from nets import branched as nb
+from nets import exits as nx
+from nets.base import StagedNet
 
 
-class _Head(keras.layers.Layer):
-  """Bottleneck + pool + FC: [B, h, w, c] -> (logits [B, K], feature [B, d])."""
-
-  def __init__(self, steps, width, num_classes, sync, **kwargs):
-    super().__init__(**kwargs)
-    self.convs, self.bns = [], []
-    for i in range(steps):
-      self.convs.append(keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False,
-                                            name=f"conv{i}"))
-      self.bns.append(keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
-                                                      synchronized=sync, name=f"bn{i}"))
-    self.fc = keras.layers.Dense(num_classes, name="fc")
-
-  def call(self, x, training=None):
-    for conv, bn in zip(self.convs, self.bns):
-      x = tf.nn.relu(bn(conv(x), training=training))
-    feature = tf.reduce_mean(x, axis=[1, 2])
-    return self.fc(feature), feature
+def _exit_list(value, student):
+  """``early_exit`` -> sorted head indices; UsageError naming the value and the accepted ones."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    return ()
+  num_heads = len(student.stages) - 1 if isinstance(student, StagedNet) else 0
+  accepted = (f"accepted: none, all, or head indices 1..{num_heads} (e.g. 1 or 1+2)"
+              if num_heads >= 1 else
+              f"accepted: none ({arch_name(student)} is not a staged net of 2+ stages)")
+  if isinstance(value, str) and value.strip().lower() == "all" and num_heads >= 1:
+    return tuple(range(1, num_heads + 1))
+  items = value.split("+") if isinstance(value, str) else value
+  items = items if isinstance(items, (list, tuple)) and items else [items]
+  out = []
+  for item in items:
+    if isinstance(item, str) and item.strip().isdigit():
+      item = int(item)
+    if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= num_heads:
+      raise UsageError(f"early_exit={value!r} for BYOT on {arch_name(student)}: {accepted}")
+    out.append(item)
+  return tuple(sorted(set(out)))
 
 
 @register("BYOT")
 class BYOT(Distiller):
-  """{"ce": CE(deepest), "byot_ce": (1-a) sum CE(q_i), "byot_kl": a T^2 sum KL(q_C||q_i),
-  "byot_feat": lambda sum ||F_i - F_C||^2}."""
+  """{"ce": CE(deepest), "byot_ce": (1-a) sum CE(q_i), "byot_kl": a sum KL_T(q_C||q_i),
+  "byot_feat": lambda sum ||F_i - F_C||^2}. ``early_exit``: None, "all", an index, "1+2" or a list."""
   uses_teacher = False
   method_weight = 0.03
   temperature = 3.0
 
-  def __init__(self, student, teacher, *, alpha=0.3, **kwargs):
+  def __init__(self, student, teacher, *, alpha=0.3, early_exit=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
-      from kd_tf2.errors import UsageError
       raise UsageError(f"alpha={alpha!r} for BYOT: must be a number in [0, 1]")
     self.alpha = float(alpha)
+    self.exits = _exit_list(early_exit, student)
+    for i in self.exits:
+      try:
+        nb.check_branchable(student, i)
+      except ValueError as e:
+        raise UsageError(f"early_exit={early_exit!r} for BYOT: {e}") from None
+    self.image_shape = None
+
+  def setup(self, input_shape):
+    self.image_shape = tuple(int(d) for d in input_shape)
+    return super().setup(input_shape)
 
   def build_connectors(self, s, t):
     del t
@@ -71,11 +98,17 @@ class BYOT(Distiller):
       while size > int(last.shape[1]):
         size = (size + 1) // 2
         steps += 1
-      head = _Head(max(steps, 1), width, int(s.logits.shape[-1]), self.synchronized_bn,
-                   name=f"head{i}")
+      head = nx.BottleneckHead(max(steps, 1), width, int(s.logits.shape[-1]),
+                               self.synchronized_bn, name=f"head{i}")
       head(f)
       heads.append(head)
     self.heads = heads
+    for i in self.exits:  # the exit's trunk must end where head i reads
+      images = tf.zeros((1,) + self.image_shape, tf.float32)
+      got = tuple(nb.trunk(self.student, images, False, i)[0].shape[1:])
+      if got != tuple(s.features[i].shape[1:]):
+        raise UsageError(f"early_exit={i} for BYOT: {arch_name(self.student)}'s trunk after "
+                         f"stage {i} gives {got}, head {i} reads {tuple(s.features[i].shape[1:])}")
 
   def head_outputs(self, s, training):
     return [tuple(tf.cast(x, tf.float32) for x in h(f, training=training))
@@ -88,11 +121,18 @@ class BYOT(Distiller):
     deep_feature = tf.stop_gradient(s.embedding)
     outs = self.head_outputs(s, training)
     ce = tf.add_n([self.cross_entropy(z, labels) for z, _ in outs])
-    kl = tf.add_n([kd_losses.soft_target(z, deep_logits, self.temperature) for z, _ in outs])
+    # soft_target is T^2 KL; the authors' code has no T^2 factor
+    t2 = self.temperature * self.temperature
+    kl = tf.add_n([kd_losses.soft_target(z, deep_logits, self.temperature) for z, _ in outs]) / t2
     feat = tf.add_n([tf.reduce_mean(tf.reduce_sum(tf.square(f - deep_feature), axis=-1))
                      for _, f in outs])
     return {"byot_ce": (1.0 - self.alpha) * ce, "byot_kl": self.alpha * kl,
             "byot_feat": self.method_weight * feat}
+
+  def extra_exports(self):
+    """``exit<i>``: standalone early-exit classifiers (``nets.exits.EarlyExit``)."""
+    return {f"exit{i}": nx.export_exit(self.student, self.heads[i - 1], i, self.image_shape)
+            for i in self.exits}
 
   def eval_models(self):
     def view(i):
@@ -103,4 +143,5 @@ class BYOT(Distiller):
     return {f"head{i + 1}": view(i) for i in range(len(self.heads))}
 
   def hparams(self):
-    return {**super().hparams(), "alpha": self.alpha}
+    return {**super().hparams(), "alpha": self.alpha,
+            "early_exit": ",".join(map(str, self.exits)) or "none"}

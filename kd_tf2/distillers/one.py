@@ -6,10 +6,14 @@ the classifier are duplicated into m = 3 branches (``nets.branched``). A gate - 
 softmax over the trunk's globally pooled map [B, c] -> [B, m] - weights the branches' logits into
 the ensemble's (``kd_tf2.losses.gate_ensemble``). The loss (eq. 6):
 
-    L = sum_i CE(z_i, y) + CE(z_e, y) + T^2 * sum_i KL(softmax(z_e/T) || softmax(z_i/T)),  T = 3
+    L = sum_i CE(z_i, y) + CE(z_e, y) + w(e) T^2 sum_i KL(softmax(z_e/T) || softmax(z_i/T)),  T = 3
 
-with the ensemble detached in the KL terms (``kd_tf2.losses.one_loss``; ``method_weight`` scales
-the KL sum, default 1). The gate learns from CE(z_e) only. Branch 0 is exported as the student;
+with the ensemble detached in the KL terms and + 1e-7 on its probabilities, as in the authors' code
+(Lan1991Xu/ONE_NeurIPS2018, ``loss/kl_loss.py``; ``kd_tf2.losses.one_loss``); ``method_weight``
+scales the KL sum (default 1), and w(e) is the code's consistency ramp-up over the first
+``rampup`` = 80 epochs, exp(-5 (1 - min(e, 80) / 80)^2) at 0-based epoch e
+(``cifar_one.py``; ``kd_tf2.losses.sigmoid_rampup``; ``rampup=0`` gives w = 1; the paper does not
+mention it). The gate learns from CE(z_e) only. Branch 0 is exported as the student;
 branches 1..m-1 as ``branch<i>.keras``; the ensemble's test accuracy is logged.
 Deviation: the authors' code puts BatchNorm + ReLU between the gate's FC and its softmax; we follow
 the paper's text (FC + softmax).
@@ -19,17 +23,26 @@ Per replica: all terms are per-sample means; the gate is per sample (no batch st
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
+from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
 from kd_tf2.distillers._online import BranchedDistiller, JointStep, dense
+from kd_tf2.errors import UsageError
 
 
 @register("ONE")
 class ONE(JointStep, BranchedDistiller):
   """{"ce": CE(branch 0), "branch_ce": sum_{i>0} CE(z_i), "ensemble_ce": CE(z_e),
-  "one": w * T^2 sum_i KL(p_e || p_i)}."""
+  "one": method_weight * w(e) * T^2 sum_i KL(p_e || p_i)}."""
   method_weight = 1.0
   temperature = 3.0
   branches = 3
+  exports_ensemble = True  # ensemble.keras: the gated ensemble (nets.ensembles)
+
+  def __init__(self, student, teacher, *, rampup=80.0, **kwargs):
+    super().__init__(student, teacher, **kwargs)
+    if not is_number(rampup) or rampup < 0:
+      raise UsageError(f"rampup={rampup!r} for ONE: must be a number of epochs >= 0")
+    self.rampup = float(rampup)
 
   def build_connectors(self, s, t):
     del t
@@ -54,5 +67,9 @@ class ONE(JointStep, BranchedDistiller):
              "branch_ce": self.ce_weight * tf.add_n(
                  [self.cross_entropy(z, labels) for z in logits[1:]]),
              "ensemble_ce": self.ce_weight * self.cross_entropy(ens, labels),
-             "one": self.method_weight * kd_losses.one_loss(logits, ens, self.temperature)}
+             "one": self.method_weight * kd_losses.sigmoid_rampup(self.epoch, self.rampup)
+                    * kd_losses.one_loss(logits, ens, self.temperature)}
     return terms, logits[0]
+
+  def hparams(self):
+    return {**super().hparams(), "rampup": self.rampup}

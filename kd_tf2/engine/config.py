@@ -38,7 +38,7 @@ _OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compil
                 "checkpoint_every_minutes", "cache")
 # Data flags recorded in the settings only when not at their default, so that train dirs made
 # before they existed still resume.
-_DATA_DEFAULTS = {"image_size": None, "augment": "auto"}
+_DATA_DEFAULTS = {"image_size": None, "augment": "auto", "method_args": ""}
 
 
 @dataclasses.dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
   student_features: str = ""
   peers: str = ""
   assistants: str = ""
+  method_args: str = ""
   dataset: str = "cifar100"
   data_dir: str = ""
   fraction: float = 1.0
@@ -109,6 +110,7 @@ def validate(config):
   arch = _net_name("arch", c.arch)
   peers = _peers(c.peers, method)
   assistants = _assistants(c.assistants, method)
+  method_args = format_method_args(parse_method_args(c.method_args, method))
   if c.teacher_arch:
     teacher_arch = _net_name("teacher_arch", c.teacher_arch)
   else:  # read from --teacher_ckpt; the default net when the teacher is trained here
@@ -170,7 +172,7 @@ def validate(config):
     raise UsageError(f"--teacher_ckpt={c.teacher_ckpt}: method {method} trains its "
                      f"{teacher_arch or 'teacher'} peer from scratch together with the student; "
                      "drop the flag")
-  c = c.replace(peers=peers, assistants=assistants)
+  c = c.replace(peers=peers, assistants=assistants, method_args=method_args)
   return c.replace(method=method, arch=arch, teacher_arch=teacher_arch,
                    teacher_epochs=teacher_epochs, protocol=protocol, augment=augment,
                    cache=cache,
@@ -203,6 +205,73 @@ def _assistants(value, method):
     raise UsageError(f"--assistants={value}: method {method} does not distil from a trained "
                      "teacher; chains need an offline method (e.g. ST, AT, DKD)")
   return ",".join(names)
+
+
+# Constructor keywords with a flag of their own, or filled by the engine: not in --method_args.
+_FLAGGED_HPARAMS = ("ce_weight", "kd_weight", "method_weight", "temperature", "init_epochs",
+                    "peers")
+
+
+def method_arg_names(method):
+  """The constructor keywords of ``method`` that ``--method_args`` may set (those without a flag
+  of their own and not filled by the engine), sorted."""
+  cls = distillers.get(method)
+  reserved = set(_FLAGGED_HPARAMS) | set(cls.engine_hparams)
+  return [n for n in cls.accepted_hparams() if n not in reserved]
+
+
+def _arg_value(text):
+  """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool, ``"none"`` -> None, else
+  the text itself."""
+  lowered = text.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered == "none":
+    return None
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_method_args(value, method):
+  """``--method_args="branches=4,alpha=0.5"`` -> ``{"alpha": 0.5, "branches": 4}``: the method's
+  own constructor keywords (``method_arg_names``); values are ints, floats, true/false, none or
+  text. The method's constructor checks the values."""
+  if not isinstance(value, str):
+    raise UsageError(f"--method_args={value!r}: must be KEY=VALUE[,KEY=VALUE...]")
+  out = {}
+  accepted = method_arg_names(method)
+  for item in (i.strip() for i in value.split(",")):
+    if not item:
+      continue
+    key, sep, text = (part.strip() for part in item.partition("="))
+    if not sep or not key or not text:
+      raise UsageError(f"--method_args={value!r}: {item!r} is not KEY=VALUE")
+    if key in _FLAGGED_HPARAMS:
+      raise UsageError(f"--method_args: set {key} with --{key}, not in --method_args")
+    if key not in accepted:
+      takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
+      raise UsageError(f"--method_args: method {method} has no argument {key!r}; {takes}"
+                       f"{did_you_mean(key, accepted)}")
+    if key in out:
+      raise UsageError(f"--method_args={value!r}: {key} given twice")
+    out[key] = _arg_value(text)
+  return dict(sorted(out.items()))
+
+
+def format_method_args(args):
+  """The canonical ``--method_args`` text of a parsed dict (sorted keys; recorded in settings)."""
+  def text(v):
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+  return ",".join(f"{k}={text(v)}" for k, v in sorted(args.items()))
+
+
+def method_kwargs(config):
+  """The constructor keywords ``--method_args`` gives the run's method."""
+  return parse_method_args(config.method_args, config.method)
 
 
 def _peers(value, method):
@@ -351,8 +420,8 @@ def settings(config):
 # What a teacher run does not take from the flags of the run it teaches: it is plain cross-entropy
 # training of ``teacher_arch`` for ``teacher_epochs`` at the teacher's own default learning rate.
 # The one list (``train.py``'s teacher and ``kd_tf2.bench table``'s teacher row both use it).
-TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "teacher_epochs", "init_epochs", "lr",
-                  "ce_weight", "kd_weight", "method_weight", "temperature")
+TEACHER_RESETS = ("teacher_ckpt", "peers", "assistants", "method_args", "teacher_epochs",
+                  "init_epochs", "lr", "ce_weight", "kd_weight", "method_weight", "temperature")
 
 
 def teacher_config(config, train_dir=None):

@@ -205,7 +205,8 @@ class _Job:
         peers["peers"] = [models.build_net(a, self.info.num_classes, self.input_shape,
                                            synchronized_bn=sync) for a in c.peers.split(",")]
       distiller = distillers.create(c.method, student, teacher, input_shape=self.input_shape,
-                                    **self.hparams, **self._engine_hparams, **peers)
+                                    **self.hparams, **self._engine_hparams, **peers,
+                                    **cfg.method_kwargs(c))
     return student, teacher, distiller
 
   def train_teacher(self):

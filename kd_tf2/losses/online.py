@@ -7,8 +7,9 @@ import tensorflow as tf
 
 from kd_tf2.losses.logits import _f32, _kl_batchmean, soft_target
 
-__all__ = ["cohort_kl", "gate_ensemble", "one_loss", "collaborative_kl", "scale_gradient",
-           "kdcl_min_logit", "kdcl_naive", "cs_kd", "attention_targets", "okddip_peer_kl"]
+__all__ = ["sigmoid_rampup", "kl_eps", "cohort_kl", "gate_ensemble", "one_loss",
+           "collaborative_kl", "scale_gradient",
+           "kdcl_min_logit", "kdcl_naive", "cs_kd", "attention_targets", "okddip_peer_kl", "okddip_leader_kl"]
 
 
 def cohort_kl(logits, k):
@@ -30,14 +31,42 @@ def gate_ensemble(branch_logits, gate):
   return tf.reduce_sum(stacked * _f32(gate)[:, :, None], axis=1)
 
 
+def sigmoid_rampup(epoch, length):
+  """The consistency ramp-up of ONE's and OKDDip's code (Laine & Aila, ICLR 2017,
+  arXiv:1610.02242): exp(-5 (1 - min(epoch, length) / length)^2), epoch 0-based; 1 when
+  ``length`` is 0. epoch: a scalar (tensor or number) -> float32 scalar."""
+  if not length:
+    return tf.constant(1.0)
+  done = tf.clip_by_value(_f32(epoch), 0.0, float(length)) / float(length)
+  return tf.exp(-5.0 * tf.square(1.0 - done))
+
+
+# ONE's and OKDDip's code add 1e-7 to the target probabilities of their KL (Lan1991Xu/
+# ONE_NeurIPS2018 loss/kl_loss.py; DefangChen/OKDDip utils.py).
+TARGET_EPS = 1e-7
+
+
+def kl_eps(targets, logits, temperature):
+  """T^2 * batch mean of sum (p + eps)(log(p + eps) - log q) over every axis but the batch's,
+  p = softmax(targets / T), q = softmax(logits / T), eps = 1e-7; targets, logits [B, ..., K].
+  Both keep their gradient (stop it on the targets where the method detaches them)."""
+  temp = _f32(temperature)
+  p = tf.nn.softmax(_f32(targets) / temp, axis=-1) + TARGET_EPS
+  log_q = tf.nn.log_softmax(_f32(logits) / temp, axis=-1)
+  per_row = tf.reduce_sum(p * (tf.math.log(p) - log_q), axis=list(range(1, p.shape.rank)))
+  return temp * temp * tf.reduce_mean(per_row)
+
+
 def one_loss(branch_logits, ensemble_logits, temperature=3.0):
   """ONE distillation term: Lan, Zhu, Gong, NeurIPS 2018, arXiv:1806.04606, eq. 5:
-  sum_i T^2 * KL(softmax(z_e / T) || softmax(z_i / T)), the ensemble detached (T = 3).
+  sum_i T^2 * KL(softmax(z_e / T) || softmax(z_i / T)), the ensemble detached (T = 3), with the
+  authors' code's + 1e-7 on the ensemble's probabilities (``kl_eps``).
 
   branch_logits: list of m [B, C]; ensemble_logits: [B, C]. The CE terms of ONE's eq. 6 are
   plain cross-entropies, added by the distiller.
   """
-  return tf.add_n([soft_target(z, ensemble_logits, temperature) for z in branch_logits])
+  target = tf.stop_gradient(_f32(ensemble_logits))
+  return tf.add_n([kl_eps(target, z, temperature) for z in branch_logits])
 
 
 def collaborative_kl(head_logits, h, temperature=2.0):
@@ -94,17 +123,21 @@ def cs_kd(anchor_logits, partner_logits, temperature=4.0):
 
 def attention_targets(logits, queries, keys):
   """OKDDip's peer targets: Chen et al., AAAI 2020, arXiv:1912.00350, sec. 3.2:
-  a_ij = softmax_j(q_i . k_j), t_i = sum_j a_ij z_j. logits [B, m, K] (detached here),
-  queries, keys [B, m, d]. Returns [B, m, K]; the attention keeps its gradient."""
+  a_ij = softmax_j(q_i . k_j), t_i = sum_j a_ij z_j. logits [B, m, K], queries, keys [B, m, d].
+  Returns [B, m, K]; the targets keep the gradient of the attention and of the logits (the
+  authors' code detaches neither)."""
   energy = tf.matmul(_f32(queries), _f32(keys), transpose_b=True)  # [B, m, m]
-  return tf.matmul(tf.nn.softmax(energy, axis=-1), tf.stop_gradient(_f32(logits)))
+  return tf.matmul(tf.nn.softmax(energy, axis=-1), _f32(logits))
 
 
 def okddip_peer_kl(targets, logits, temperature=3.0):
-  """OKDDip first-level term: T^2 sum_i KL(softmax(t_i/T) || softmax(z_i/T)), batch mean;
-  targets, logits [B, m, K]; the targets keep their gradient (the attention learns from it)."""
-  temp = _f32(temperature)
-  log_p = tf.nn.log_softmax(_f32(targets) / temp, axis=-1)
-  log_q = tf.nn.log_softmax(_f32(logits) / temp, axis=-1)
-  per_row = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=[1, 2])
-  return temp * temp * tf.reduce_mean(per_row)
+  """OKDDip first-level term: T^2 sum_i KL(t_i || z_i) at temperature T, batch mean;
+  targets, logits [B, m, K]. The targets keep their gradient, as in the authors' code."""
+  return kl_eps(targets, logits, temperature)
+
+
+def okddip_leader_kl(leader_logits, peer_logits, temperature=3.0):
+  """OKDDip second-level term: T^2 KL(mean_i z_i || z_leader) at temperature T, batch mean;
+  leader_logits [B, K], peer_logits [B, m, K]. The peers' mean keeps its gradient, as in the
+  authors' code (``criterion_T(x_stu, torch.mean(output_batch, dim=2))``)."""
+  return kl_eps(tf.reduce_mean(_f32(peer_logits), axis=1), leader_logits, temperature)
