@@ -156,6 +156,8 @@ def test_the_engine_loads_one_view_per_kdcl_net(tmp_path):
   assert engine_run.batch_views(kdcl, cfg.validate(base)) == 3
   assert engine_run.batch_views(distillers.get("CSKD"), cfg.validate(base.replace(
       method="CSKD", peers=""))) == 1
+  off = cfg.validate(base.replace(method_args="views=false"))  # the same batch for every net
+  assert engine_run.batch_views(kdcl, off) == 1
   job = engine_run._Job(base.replace(peers="resnet8"))  # pylint: disable=protected-access
   assert job.info.views == 2
   assert job.train_ds.element_spec["views"].shape.as_list()[1:] == [2, 32, 32, 3]

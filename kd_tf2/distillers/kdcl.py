@@ -11,9 +11,10 @@ with z_t detached. Each net m sees its own augmentation x^m of the image (the pa
 Figs. 1-2: the input of every net is distorted with its own random draw), and the teacher is built
 from the nets' logits on their own views, z_t = ensemble(z_1(x^1), ..., z_M(x^M)); CE and KL of
 net m are on x^m. The engine asks the pipeline for one view per net (``batch_views = "per_net"``:
-``views`` [B, M, H, W, C], student first; ``image`` is view 0, the student's). ``views=False``
-feeds every net the same batch ``image`` (DML-style); default True, the paper's setting. Batches
-without a ``views`` entry (hand-made datasets, ``bench speed``) also give every net ``image``.
+``views`` [B, M, H, W, C], student first; ``image`` is view 0, the student's). Default
+``views=True``, the paper's setting; ``views=False`` (``--method_args=views=false``; the engine then
+loads one image per sample) feeds every net the same batch ``image``, as DML does. Batches without
+a ``views`` entry (hand-made datasets, ``bench speed``) also give every net ``image``.
 Ensembles (``ensemble=``): ``minlogit`` (default; sec. 3.2, each net's logits minus its own target
 logit, element-wise minimum over nets: ``kd_tf2.losses.kdcl_min_logit``) and ``naive`` (per
 sample, the logits of the net with the lowest cross-entropy: ``kd_tf2.losses.kdcl_naive``).

@@ -63,8 +63,11 @@ def engine_hparams(method_cls, config):
 
 def batch_views(method_cls, config):
   """How many augmented views of each training sample the method asks the pipeline for (its
-  ``batch_views``: an int, or ``"per_net"``: one per net it trains, the student and --peers)."""
+  ``batch_views``: an int, or ``"per_net"``: one per net it trains, the student and --peers);
+  1 when ``--method_args=views=false`` turns the method's views off."""
   views = getattr(method_cls, "batch_views", 1)
+  if views != 1 and cfg.method_kwargs(config).get("views", True) is False:
+    return 1
   if views == "per_net":
     return 1 + len([p for p in config.peers.split(",") if p])
   return views
