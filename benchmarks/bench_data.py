@@ -7,7 +7,7 @@ images/s and the peak resident memory (ru_maxrss). Default dataset: the CIFAR-10
 
   python benchmarks/bench_data.py [--dataset folder:/tmp/cifar10] [--cache auto|memory|none]
       [--image_size S] [--augment auto|imagenet|cifar|none] [--fraction F] [--batch_size 128]
-      [--batches N (default: two epochs after the first)]
+      [--batches N (default: two epochs after the first)] [--views K]
   python benchmarks/bench_data.py --make_jpegs DIR --count 20000 --jpeg_size 400x350
       (writes a folder dataset DIR/train/<10 classes>/*.jpg of random-texture JPEGs; never commit)
 
@@ -76,6 +76,8 @@ def main():
   parser.add_argument("--cache", default=None)
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--augment", default=None)
+  parser.add_argument("--views", type=int, default=None,
+                      help="K augmented views of each sample (KDCL's one per net)")
   parser.add_argument("--make_jpegs", default=None, metavar="DIR")
   parser.add_argument("--count", type=int, default=20000)
   parser.add_argument("--jpeg_size", default="400x350", help="WIDTHxHEIGHT")
@@ -87,7 +89,7 @@ def main():
   ensure_folder(args.dataset, args.tarball)
   import kd_tf2.data  # pylint: disable=import-outside-toplevel
 
-  options = {k: getattr(args, k) for k in ("fraction", "cache", "image_size", "augment")
+  options = {k: getattr(args, k) for k in ("fraction", "cache", "image_size", "augment", "views")
              if getattr(args, k) is not None}
   options.setdefault("augment", True)
   base_rss = peak_rss_mb()

@@ -415,6 +415,59 @@ def test_kdcl_terms_on_mixed_architectures(ensemble):
   assert out.logits.shape == zs[0].shape
 
 
+def kdcl_reference(zs, y, ensemble="minlogit", t=2.0):
+  """{"ce", "kdcl", "peer<i>_ce", "peer<i>_kdcl"} of KDCL from the nets' logits zs (NumPy)."""
+  rows = np.arange(len(y))
+  if ensemble == "minlogit":
+    target = np.min([z - z[rows, y][:, None] for z in zs], axis=0)
+  else:
+    target = np.stack(zs)[np.stack([-np_log_softmax(z)[rows, y] for z in zs]).argmin(0), rows]
+  out = {}
+  for name, z in zip([""] + [f"peer{i}_" for i in range(1, len(zs))], zs):
+    out[f"{name}ce"] = np_ce(z, y)
+    out[f"{name}kdcl"] = t * t * np_kl(np_soft(target, t), np_log_softmax(z / t))
+  return out
+
+
+@pytest.mark.parametrize("ensemble", ["minlogit", "naive"])
+def test_kdcl_feeds_each_net_its_own_view(ensemble):
+  """Net m sees view m; the teacher is ensembled from the logits on those views (sec. 3)."""
+  from kd_tf2.distillers.base import StepContext
+  from kd_tf2.engine import make_optimizer
+  cohort = [net(seed=1), net("wrn_16_1", seed=2), net(seed=3)]
+  d = distillers.create("KDCL", cohort[0], None, peers=cohort[1:], ensemble=ensemble)
+  assert distillers.get("KDCL").batch_views == "per_net" and d.views is True
+  b = batch()
+  views = np.stack([batch(seed=s)["image"].numpy() for s in (10, 11, 12)], axis=1)  # [B, 3, ...]
+  b.update(views=tf.constant(views), image=tf.constant(views[:, 0]))
+  y = b["label"].numpy()
+  for training in (False, True):
+    zs = [n(views[:, m], training=training).numpy() for m, n in enumerate(cohort)]
+    if training:  # the step: one update on the sum, its terms from the nets' own views
+      v = d.variables_to_train()
+      terms = d.train_step(b, StepContext(make_optimizer(0.0, v), v)).terms
+    else:
+      terms, _ = d.all_terms(d.step_images(b), b["label"], training)
+    want = kdcl_reference(zs, y, ensemble)
+    assert set(terms) == set(want)
+    for key, value in want.items():
+      assert float(terms[key]) == pytest.approx(value, rel=1e-4), (training, key)
+  # views=False: every net gets the batch's image (the same for all)
+  same = distillers.create("KDCL", cohort[0], None, peers=cohort[1:], ensemble=ensemble,
+                           views=False)
+  terms, _ = same.all_terms(same.step_images(b), b["label"], False)
+  zs = [n(views[:, 0], training=False).numpy() for n in cohort]
+  for key, value in kdcl_reference(zs, y, ensemble).items():
+    assert float(terms[key]) == pytest.approx(value, rel=1e-4), key
+  assert float(terms["peer2_ce"]) != pytest.approx(
+      kdcl_reference([n(views[:, m], training=False).numpy() for m, n in enumerate(cohort)],
+                     y, ensemble)["peer2_ce"], rel=1e-3)
+  with pytest.raises(UsageError, match=r"KDCL trains 3 nets but the batch holds 2 views"):
+    d.step_images({**b, "views": b["views"][:, :2]})
+  with pytest.raises(UsageError, match=r"views='yes' for KDCL; accepted: True"):
+    distillers.create("KDCL", cohort[0], None, peers=cohort[1:], views="yes")
+
+
 def test_dml_cohort_terms_are_eq10():
   d = distillers.create("DML", net(seed=1), None, peers=[net(seed=2), net(seed=3)])
   assert set(d.extra_exports()) == {"peer1", "peer2"}

@@ -5,6 +5,8 @@
       batch["image"]        # float32 [B, H, W, C], normalised with info.mean / info.std
       batch["label"]        # int64 [B]
       batch["index"]        # int64 [B], the sample's position in the full split
+      batch["views"]        # with views=K > 1: float32 [B, K, H, W, C], K augmentations of each
+                            # sample (KDCL); batch["image"] is view 0
 
 Names (``available()``): a tfds image-classification dataset (``cifar10``, ``cifar100``,
 ``imagenet2012``, ...), ``folder:PATH``, ``tfrecord:PATTERN``, the embedded offline
@@ -46,7 +48,8 @@ class Info:
   equal for equal (dataset, split, fraction, seed), whatever the batch size or the process.
   style: the augmentation style (``cifar`` or ``imagenet``, also deciding the evaluation
   transform); augment: whether training augmentation is applied; cache: ``memory`` (decoded once)
-  or ``none`` (decoded as streamed); stats: where mean/std come from.
+  or ``none`` (decoded as streamed); stats: where mean/std come from; views: augmented views per
+  sample (``views`` entry when > 1).
   """
   name: str
   split: str
@@ -66,6 +69,7 @@ class Info:
   style: str = "cifar"
   cache: str = "memory"
   stats: str = "computed"
+  views: int = 1
 
 
 def _check_augment(augment):
@@ -88,6 +92,14 @@ def check_image_size(image_size):
   return image_size
 
 
+def check_views(views):
+  """``views`` if an int >= 1, else ValueError."""
+  if not is_int(views) or views < 1:
+    raise ValueError(f"views={views!r} is not accepted; accepted: an int >= 1 (augmented views "
+                     "of each sample)")
+  return int(views)
+
+
 def check_cache(cache):
   if not isinstance(cache, str) or cache.lower() not in CACHES:
     raise ValueError(f"cache={cache!r} not accepted; accepted: {', '.join(CACHES)}")
@@ -96,7 +108,7 @@ def check_cache(cache):
 
 def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data_dir=None,
          shuffle=None, drop_remainder=None, image_size=None, input_context=None, cache="auto",
-         style=None, pair_by_class=False):
+         style=None, pair_by_class=False, views=1):
   """Builds the input pipeline of one split; returns ``(tf.data.Dataset, Info)``.
 
   Args:
@@ -128,6 +140,10 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
       ``augment=False, style="imagenet"``: the ImageNet evaluation transform on any split).
     pair_by_class: follow every sample by a random sample of its class (CS-KD,
       ``kd_tf2.data.paired``).
+    views: K >= 1; K > 1 adds ``views``, float32 [B, K, H, W, C]: K independent augmentations of
+      each sample's image (the same rule and normalisation as ``image``, which is view 0; copies
+      when not augmenting), for methods that feed each net its own view (KDCL). Same seed, same
+      views; sharding, cache modes and streaming sources as for ``image``.
   """
   if not is_int(seed) or seed < 0:
     raise ValueError(f"seed={seed!r} is not an int >= 0")
@@ -143,6 +159,7 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
   style = style.lower()
   image_size = check_image_size(image_size)
   cache = check_cache(cache)
+  views = check_views(views)
   training = split == "train"
   augment = training if augment is None else augment
   shuffle = training if shuffle is None else bool(shuffle)
@@ -186,14 +203,14 @@ def load(name, split, *, fraction=1.0, seed=0, batch_size=64, augment=None, data
   ds = pipeline.build(source, indices, batch_size=batch_size, mean=mean, std=std, seed=seed,
                       shuffle=shuffle, augment=augment, drop_remainder=drop_remainder,
                       style=style, size=size, rows=rows, image_rows=image_rows,
-                      pair_by_class=pair_by_class)
+                      pair_by_class=pair_by_class, views=views)
   batch_size = batch_size if rows is None else rows[2]
   info = Info(name=name, split=split, num_classes=num_classes, class_names=data.class_names,
               class_counts=counts, num_examples=num_examples, split_size=len(data.labels),
               image_shape=tuple(size) + (data.channels,), mean=tuple(mean), std=tuple(std),
               batch_size=batch_size, num_batches=num_batches, augment=augment,
               splits=data.splits, subset_fingerprint=digest, style=style, cache=cache,
-              stats=stats)
+              stats=stats, views=views)
   return ds, info
 
 

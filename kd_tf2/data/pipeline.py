@@ -19,7 +19,13 @@ normalisation as torchvision's ``RandomCrop(32, padding=4)``. ``imagenet`` augme
 
 Randomness comes from two seeded tf.data sources (``shuffle`` and ``Dataset.random``, both
 re-randomised on every iteration): the sequence of epochs is fixed by ``seed`` (and by TF's global
-seed, if the program sets one). Iterating the dataset again is the next epoch. Random-access
+seed, if the program sets one). Iterating the dataset again is the next epoch.
+
+``views=K`` (K > 1; KDCL, Guo et al., CVPR 2020, sec. 3) gives each training sample K independent
+augmentations of its one decoded image, by the same rule and normalisation: the batch gains
+``views`` float32 [B, K, H, W, C], and ``image`` is view 0 - the image the pipeline gives without
+views (view 0 keeps the sample's own random integer; views 1..K-1 take theirs from a third seeded
+``Dataset.random``). Without augmentation the K views are copies of the image. Random-access
 sources (memory, files) are shuffled globally; TFRecord streams (read in index order) through a
 buffer of ``SHUFFLE_BUFFER`` samples.
 """
@@ -55,6 +61,33 @@ def crop_and_flip(images, randoms, pad=PAD):
   return tf.gather(out, cols, axis=2, batch_dims=1)                  # [B, H, W, C]
 
 
+def crop_and_flip_views(images, randoms, pad=PAD):
+  """``crop_and_flip`` of K views of each image: uint8 [B, H, W, C], randoms int64 [B, K] ->
+  [B, K, H, W, C] (view k of image b uses randoms[b, k])."""
+  k = randoms.shape[1]
+  out = crop_and_flip(tf.repeat(images, k, axis=0), tf.reshape(randoms, [-1]), pad)
+  return tf.reshape(out, tf.concat([[-1, k], tf.shape(out)[1:]], 0))
+
+
+def _view_randoms(seed, views):
+  """A dataset of one random int64 per sample (views == 1), or of a pair (int64, int64
+  [views - 1]): view 0's from the augmentation's stream ``seed`` (as without views), the other
+  views' from ``seed + 1``. ``_per_view`` joins the pair (after batching: no per-sample map)."""
+  first = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+  if views == 1:
+    return first
+  others = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+  return tf.data.Dataset.zip(first, others.batch(views - 1, drop_remainder=True))
+
+
+def _per_view(randoms):
+  """``_view_randoms``' pair (int64 [...], [..., K - 1]) -> int64 [..., K]; a tensor as is."""
+  if not isinstance(randoms, tuple):
+    return randoms
+  first, others = randoms
+  return tf.concat([first[..., None], others], -1)
+
+
 def _sub_seeds(seed):
   """Two independent op seeds from one user seed (the shuffle's and the augmentation's)."""
   state = np.random.SeedSequence(seed).generate_state(2)
@@ -76,7 +109,7 @@ def _count(image):
 
 
 def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, drop_remainder,
-          style="cifar", size=None, rows=None, image_rows=None, pair_by_class=False):
+          style="cifar", size=None, rows=None, image_rows=None, pair_by_class=False, views=1):
   """A one-pass ``tf.data.Dataset`` of ``{"image", "label", "index"}`` batches.
 
   source: a ``sources.Listing`` (memory, files or records); indices: sorted int64 [M], the
@@ -89,6 +122,9 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
   shuffle and the augmentation draws, which every shard makes alike, and before any image is
   read) and streams them as batches of ``size``: one input pipeline's share of each global batch,
   split into its replicas' batches.
+
+  views: K >= 1; K > 1 adds ``views`` float32 [B, K, H, W, C] (K augmentations of each sample's
+  image; ``image`` is view 0).
   """
   if style not in transforms.STYLES:
     raise ValueError(f"style={style!r} not in {transforms.STYLES}")
@@ -120,9 +156,8 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
       raise ValueError("class-paired batches (CS-KD) need random access to the samples: a folder "
                        "or in-memory data, not a TFRecord stream")
     ds = paired.class_partners(ds, source.labels, indices, payload, shuffle_seed + 1)
-  if augment:
-    randoms = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip(ds, randoms)
+  if augment:  # one random int64 per sample (views == 1), or one per view
+    ds = tf.data.Dataset.zip(ds, _view_randoms(augment_seed, views))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   out_size = batch_size
   if rows is not None:
@@ -130,10 +165,18 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
     ds = ds.map(lambda *parts: tf.nest.map_structure(lambda p: p[start:stop], parts))
 
   def finish(pixels, index, randoms=None):
+    """pixels [B, H, W, C] (or [B, K, H, W, C]: views already made) -> the batch dict."""
     if randoms is not None:
-      pixels = crop_and_flip(pixels, randoms)
+      randoms = _per_view(randoms)
+      pixels = crop_and_flip(pixels, randoms) if views == 1 else crop_and_flip_views(pixels,
+                                                                                     randoms)
     x = tf.cast(pixels, tf.float32) * scale - shift
-    return {"image": x, "label": tf.gather(labels, index), "index": index}
+    out = {"image": x, "label": tf.gather(labels, index), "index": index}
+    if views > 1:
+      if x.shape.rank == 4:  # not augmented: K copies
+        x = tf.repeat(x[:, None], views, axis=1)
+      out.update(image=x[:, 0], views=x)
+    return out
 
   vectorised = (source.kind == "memory" and style == "cifar"
                 and tuple(source.images.shape[1:3]) == size)
@@ -155,9 +198,13 @@ def build(source, indices, *, batch_size, mean, std, seed, shuffle, augment, dro
     (index, where), random = _split(parts, augment)
     image = read(where)
     if style == "imagenet":
-      image = (transforms.random_resized_crop(image, side, random) if augment
-               else transforms.resize_and_centre_crop(image, side))
-      return (image, index)
+      if not augment:
+        return (transforms.resize_and_centre_crop(image, side), index)
+      if views == 1:
+        return (transforms.random_resized_crop(image, side, random), index)
+      random = _per_view(random)
+      return (tf.stack([transforms.random_resized_crop(image, side, random[k])
+                        for k in range(views)]), index)
     image = transforms.fit(image, *size)
     return (image, index) if random is None else (image, index, random)
 

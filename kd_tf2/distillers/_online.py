@@ -38,16 +38,20 @@ class JointStep:
   """Mixin of the methods whose every trained net comes out of one pass: the subclass defines
   ``all_terms(images, labels, training) -> ({name: weighted term}, student logits [B, K])``,
   the student's cross-entropy as ``"ce"``; ``terms`` is that without ``"ce"`` (the base adds it),
-  ``train_step`` one update on their sum."""
+  ``train_step`` one update on their sum. ``all_terms`` gets ``step_images(batch)``: the batch's
+  ``image`` (override to give the nets other inputs, e.g. KDCL's one view per net)."""
+
+  def step_images(self, batch):
+    return batch["image"]
 
   def terms(self, s, t, batch, *, training=True):
     del s, t
-    terms, _ = self.all_terms(batch["image"], batch["label"], training)
+    terms, _ = self.all_terms(self.step_images(batch), batch["label"], training)
     return {k: v for k, v in terms.items() if k != "ce"}
 
   def train_step(self, batch, ctx):
     with tf.GradientTape() as tape:
-      terms, logits = self.all_terms(batch["image"], batch["label"], True)
+      terms, logits = self.all_terms(self.step_images(batch), batch["label"], True)
       loss = tf.add_n(list(terms.values()))
     ctx.minimize(loss, tape)
     return StepOutput(terms, logits)
@@ -88,8 +92,11 @@ class PeersDistiller(Distiller):
     return {**self.extra_exports(), "ensemble": mean}
 
   def cohort_outputs(self, images, training):
-    """``Outputs`` (float32) of every net of the cohort, student first."""
-    return [as_float32(n(images, training=training, features=True)) for n in self.cohort()]
+    """``Outputs`` (float32) of every net of the cohort, student first; ``images``: one batch
+    [B, H, W, C] for all, or a list of one per net."""
+    nets_ = self.cohort()
+    inputs = images if isinstance(images, (list, tuple)) else [images] * len(nets_)
+    return [as_float32(n(x, training=training, features=True)) for n, x in zip(nets_, inputs)]
 
 
 class BranchedDistiller(Distiller):

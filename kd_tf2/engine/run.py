@@ -61,6 +61,18 @@ def engine_hparams(method_cls, config):
       protocol=lambda: cfg.resolve_protocol(config.protocol, config.dataset))
 
 
+def batch_views(method_cls, config):
+  """How many augmented views of each training sample the method asks the pipeline for (its
+  ``batch_views``: an int, or ``"per_net"``: one per net it trains, the student and --peers);
+  1 when ``--method_args=views=false`` turns the method's views off."""
+  views = getattr(method_cls, "batch_views", 1)
+  if views != 1 and cfg.method_kwargs(config).get("views", True) is False:
+    return 1
+  if views == "per_net":
+    return 1 + len([p for p in config.peers.split(",") if p])
+  return views
+
+
 def train_labels(config):
   """int64 [split_size]: the label of every sample index of the training split, -1 for the
   samples outside the ``--fraction`` subset (from the split's listing: no image decoded)."""
@@ -132,10 +144,11 @@ class _Job:
     # Under multi-worker this pipeline only describes the data (each worker streams its shard).
     sharded = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
     paired = getattr(distillers.get(c.method), "paired_batches", False)  # CS-KD
+    self.views = batch_views(distillers.get(c.method), c)  # KDCL: a view per net
     self.train_ds, self.info = _load_data(
         c, "train", c.batch_size, fraction=c.fraction, seed=c.seed,
         cache="none" if sharded and c.cache == "auto" else c.cache,
-        **({"pair_by_class": True} if paired else {}))
+        **({"pair_by_class": True} if paired else {}), views=self.views)
     self.test_ds, _ = _load_data(c, eval_split(self.info.splits), c.batch_size)
     self.input_shape = self.info.image_shape
     self.chief = is_chief(self.strategy)
@@ -234,7 +247,7 @@ class _Job:
       train_data = kd_data.dataset_fn(c.dataset, "train", batch_size=c.batch_size,
                                       fraction=c.fraction, seed=c.seed,
                                       data_dir=c.data_dir or None, image_size=c.image_size,
-                                      augment=c.augment, cache=c.cache)
+                                      augment=c.augment, cache=c.cache, views=self.views)
       steps = self.info.num_examples // c.batch_size
     # A non-chief worker checkpoints into a scratch dir of its own (deleted after training).
     scratch = self.scratch = None if self.chief else tempfile.mkdtemp(prefix="kd_tf2_worker_")

@@ -96,3 +96,18 @@ def test_cskd_pairs_stay_whole_in_each_replica(mirrored):
       labels = labels.numpy()
       assert len(labels) == 4
       np.testing.assert_array_equal(labels[0::2], labels[1::2])
+
+
+def test_views_split_by_rows_across_replicas(mirrored):
+  """``views`` [B, K, H, W, C] is split on axis 0 like ``image``: each replica gets its rows with
+  all their views, view 0 still its ``image``."""
+  def load():
+    return kd_data.load("synthetic", "train", batch_size=8, fraction=0.25, seed=0, views=2)[0]
+  whole = next(iter(load()))
+  parts = next(iter(mirrored.experimental_distribute_dataset(load())))
+  views = [v.numpy() for v in mirrored.experimental_local_results(parts["views"])]
+  images = [v.numpy() for v in mirrored.experimental_local_results(parts["image"])]
+  assert [v.shape for v in views] == [(4, 2, 32, 32, 3)] * 2
+  for v, x in zip(views, images):
+    np.testing.assert_array_equal(v[:, 0], x)
+  np.testing.assert_array_equal(np.concatenate(views), whole["views"].numpy())
