@@ -66,7 +66,7 @@ class EarlyExit(keras.Model):
                                name=f"head{self.exit}")
 
   def call(self, inputs, training=None):
-    x, _, _ = branched.trunk(self.net, inputs, training, self.exit)
+    x = branched.trunk(self.net, inputs, training, self.exit).features[-1]  # = features[exit]
     return self.head(x, training=training)[0]
 
   def build(self, input_shape=(None, 32, 32, 3)):

@@ -673,11 +673,19 @@ def test_byot_bad_early_exit_is_one_line(value):
                           "head indices 1..2 (e.g. 1 or 1+2)")
 
 
-def test_byot_early_exit_needs_a_staged_net():
-  with pytest.raises(UsageError, match=r"^early_exit='all' for BYOT on wrn_16_1: accepted: none "
-                     r"\(wrn_16_1 is not a staged net of 2\+ stages\)$"):
-    distillers.create("BYOT", net("wrn_16_1"), None, early_exit="all")
-  assert distillers.create("BYOT", net("wrn_16_1"), None).extra_exports() == {}
+@pytest.mark.parametrize("arch", ["wrn_16_1", "vgg8", "MobileNetV2"])
+def test_byot_early_exits_of_every_zoo_family_equal_their_heads(arch):
+  student = net(arch, seed=1)
+  d = distillers.create("BYOT", student, None, early_exit="all")
+  assert d.exits == tuple(range(1, student.num_stages))
+  _shuffle_batchnorm_statistics([student] + d.heads, seed=3)
+  x = batch(b=2, seed=5)["image"]
+  views, exports = d.eval_models(), d.extra_exports()
+  for i in d.exits:
+    got = exports[f"exit{i}"](x, training=False).numpy()
+    np.testing.assert_allclose(got, views[f"head{i}"](x).numpy(), rtol=1e-5, atol=1e-5)
+  first = exports["exit1"]
+  assert len(first.weights) < len(student.weights)  # truncated
 
 
 @pytest.mark.slow

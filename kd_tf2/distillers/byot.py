@@ -24,7 +24,7 @@ the batch. Their heads (attention map + separable-conv stacks) are not ours (REA
 Works on any zoo net (``Outputs.features`` and ``embedding``, contract 1): no branching needed.
 
 Exports: the student (the full net) and, with ``early_exit``, ``exit<i>.keras`` per requested head:
-a standalone ``nets.exits.EarlyExit`` running only the stem, stages 1..i and head i (staged nets;
+a standalone ``nets.exits.EarlyExit`` running only the stem, stages 1..i and head i (any zoo net;
 ``nets.branched.trunk``); its logits equal the ``head<i>`` view. Each head's test accuracy is
 logged (``head<i>``). Per replica: per-sample terms only (the heads' BatchNorm is synchronized like
 the student's).
@@ -38,17 +38,17 @@ from kd_tf2.distillers.base import Distiller, arch_name, as_float32
 from kd_tf2.errors import UsageError
 from nets import branched as nb
 from nets import exits as nx
-from nets.base import StagedNet
+from nets.base import ZooNet
 
 
 def _exit_list(value, student):
   """``early_exit`` -> sorted head indices; UsageError naming the value and the accepted ones."""
   if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
     return ()
-  num_heads = len(student.stages) - 1 if isinstance(student, StagedNet) else 0
+  num_heads = student.num_stages - 1 if isinstance(student, ZooNet) else 0
   accepted = (f"accepted: none, all, or head indices 1..{num_heads} (e.g. 1 or 1+2)"
               if num_heads >= 1 else
-              f"accepted: none ({arch_name(student)} is not a staged net of 2+ stages)")
+              f"accepted: none ({arch_name(student)} is not a zoo net of 2+ stages)")
   if isinstance(value, str) and value.strip().lower() == "all" and num_heads >= 1:
     return tuple(range(1, num_heads + 1))
   items = value.split("+") if isinstance(value, str) else value
@@ -105,7 +105,7 @@ class BYOT(Distiller):
     self.heads = heads
     for i in self.exits:  # the exit's trunk must end where head i reads
       images = tf.zeros((1,) + self.image_shape, tf.float32)
-      got = tuple(nb.trunk(self.student, images, False, i)[0].shape[1:])
+      got = tuple(nb.trunk(self.student, images, False, i).features[-1].shape[1:])
       if got != tuple(s.features[i].shape[1:]):
         raise UsageError(f"early_exit={i} for BYOT: {arch_name(self.student)}'s trunk after "
                          f"stage {i} gives {got}, head {i} reads {tuple(s.features[i].shape[1:])}")
