@@ -27,6 +27,9 @@ Nets of fewer stages fork once before the last stage into two heads. One level a
 ``splits=2, branches=2`` (``--method_args=splits=2,branches=2``). Accepted forms: ``splits`` an
 int or increasing ints joined by '-' or '/' ("1-2"); ``branches`` an int (every level) or one
 int per split ("2-2"). Per replica: per-sample terms only.
+Unverified: the tree above, the 1/g rule and the target as the mean of the other heads' softened
+probabilities (the issue's formula; eq. 3 may average logits instead) are our reading of the paper,
+whose full text and code were not available to us (README deviations).
 """
 import tensorflow as tf
 
