@@ -14,7 +14,8 @@ from nets.outputs import Outputs
 
 
 class Trace(NamedTuple):
-  """The forward pass at a stage boundary. x: the map the next stage (or the head) reads, [B, h, w, c];
+  """The forward pass at a stage boundary. x: the map the next stage (or the head) reads,
+  [B, h, w, c];
   features / preacts: the tensors of contract 1 so far. A family may append a preact one stage late
   (WRN's is the next BN, which the next stage or the head owns)."""
   x: Any

@@ -66,7 +66,8 @@ def _exit_list(value, student):
 @register("BYOT")
 class BYOT(Distiller):
   """{"ce": CE(deepest), "byot_ce": (1-a) sum CE(q_i), "byot_kl": a sum KL_T(q_C||q_i),
-  "byot_feat": lambda sum ||F_i - F_C||^2}. ``early_exit``: None, "all", an index, "1+2" or a list."""
+  "byot_feat": lambda sum ||F_i - F_C||^2}. ``early_exit``: None, "all", an index, "1+2" or a
+  list."""
   uses_teacher = False
   method_weight = 0.03
   temperature = 3.0

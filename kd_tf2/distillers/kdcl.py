@@ -9,8 +9,9 @@ distilled into each of them:
 
 with z_t detached. Each net m sees its own augmentation x^m of the image (sec. 3 and Fig. 1: the
 input of every net is distorted separately), and the teacher is built from the nets' logits on
-their own views, z_t = ensemble(z_1(x^1), ..., z_M(x^M)); CE and KL of net m are on x^m. The engine asks the pipeline for one view per net (``batch_views = "per_net"``:
-``views`` [B, M, H, W, C], student first; ``image`` is view 0, the student's). Default
+their own views, z_t = ensemble(z_1(x^1), ..., z_M(x^M)); CE and KL of net m are on x^m. The
+engine asks the pipeline for one view per net (``batch_views = "per_net"``: ``views``
+[B, M, H, W, C], student first; ``image`` is view 0, the student's). Default
 ``views=True``, the paper's setting; ``views=False`` (``--method_args=views=false``; the engine then
 loads one image per sample) feeds every net the same batch ``image``, as DML does. Batches without
 a ``views`` entry (hand-made datasets, ``bench speed``) also give every net ``image``.
