@@ -1,15 +1,16 @@
 """Losses of online distillation (nets trained together, no frozen teacher) and self-distillation.
 
 Pure functions, logits [B, K] in, float32 scalar out. "KL(p || q)" is the batch mean of
-sum_k p (log p - log q); the distribution on the left is the (detached) target.
+sum_k p (log p - log q); the distribution on the left is the target, detached unless a function
+says otherwise (OKDDip's keep their gradient, as in the authors' code).
 """
 import tensorflow as tf
 
 from kd_tf2.losses.logits import _f32, _kl_batchmean, soft_target
 
 __all__ = ["sigmoid_rampup", "kl_eps", "cohort_kl", "gate_ensemble", "one_loss",
-           "collaborative_kl", "scale_gradient",
-           "kdcl_min_logit", "kdcl_naive", "cs_kd", "attention_targets", "okddip_peer_kl", "okddip_leader_kl"]
+           "collaborative_kl", "scale_gradient", "kdcl_min_logit", "kdcl_naive", "cs_kd",
+           "attention_targets", "okddip_peer_kl", "okddip_leader_kl"]
 
 
 def cohort_kl(logits, k):
