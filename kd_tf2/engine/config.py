@@ -36,8 +36,8 @@ from kd_tf2.errors import UsageError
 _OPERATIONAL = ("train_dir", "data_dir", "strategy", "cpu_replicas", "jit_compile", "verbose",
                 "cluster_timeout", "log_every_n_steps", "checkpoint_every_n_steps",
                 "checkpoint_every_minutes", "cache")
-# Data flags recorded in the settings only when not at their default, so that train dirs made
-# before they existed still resume.
+# Flags recorded in the settings only when not at their default (data flags, --method_args), so
+# that train dirs made before they existed still resume.
 _DATA_DEFAULTS = {"image_size": None, "augment": "auto", "method_args": ""}
 
 
