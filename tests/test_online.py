@@ -665,6 +665,29 @@ def test_byot_early_exits_are_truncated_and_round_trip_as_keras(tmp_path):
   assert distillers.create("BYOT", net(), None, early_exit="none").extra_exports() == {}
 
 
+def test_byot_heads_at_chosen_stages():
+  d = distillers.create("BYOT", net(seed=1), None, heads="2", early_exit="2")
+  assert d.head_stages == (2,) and [h.name for h in d.heads] == ["head2"]
+  assert set(d.eval_models()) == {"head2"} and set(d.extra_exports()) == {"exit2"}
+  assert distillers.create("BYOT", net(seed=1), None).head_stages == (1, 2)
+  b = batch()
+  s = d.student(b["image"], training=False, features=True)
+  # the chosen head reads stage 2's map, and only its terms are summed
+  assert d.heads[0].convs[0].kernel.shape[2] == s.features[2].shape[-1]
+  terms = d.terms(s, None, b, training=False)
+  z, _ = d.heads[0](s.features[2], training=False)
+  want = 0.7 * np_ce(z.numpy(), b["label"].numpy())
+  assert float(terms["byot_ce"]) == pytest.approx(want, rel=1e-5)
+  with pytest.raises(UsageError, match=r"^early_exit='1' for BYOT: exits need heads; the heads "
+                     r"are at stages 2 \(heads='2'\)$"):
+    distillers.create("BYOT", net(), None, heads="2", early_exit="1")
+  with pytest.raises(UsageError, match=r"^heads='3' for BYOT on resnet8: accepted: none, all, or "
+                     r"head indices 1..2"):
+    distillers.create("BYOT", net(), None, heads="3")
+  with pytest.raises(UsageError, match=r"^heads='none' for BYOT: needs at least one head"):
+    distillers.create("BYOT", net(), None, heads="none")
+
+
 @pytest.mark.parametrize("value", [3, 0, "first", True, 1.0, "1+3"])
 def test_byot_bad_early_exit_is_one_line(value):
   with pytest.raises(UsageError) as e:

@@ -2,7 +2,8 @@
 
 Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
 Neural Networks via Self Distillation", ICCV 2019, arXiv:1905.08094. After every stage but the last
-an auxiliary head (``nets.exits.BottleneckHead``): a bottleneck (conv3x3/2 + BN + ReLU, repeated
+(the paper's setting; ``heads="1+2"``-style keyword: a chosen subset of stages 1..n-1) an auxiliary
+head (``nets.exits.BottleneckHead``): a bottleneck (conv3x3/2 + BN + ReLU, repeated
 until the map has the last stage's resolution; the last conv gives the embedding's width) + global
 average pooling + an FC classifier. The net's own classifier is the deepest, teacher head. Loss
 over the shallow heads i (q: logits [B, K], F: pooled features [B, d]):
@@ -41,8 +42,9 @@ from nets import exits as nx
 from nets.base import ZooNet
 
 
-def _exit_list(value, student):
-  """``early_exit`` -> sorted head indices; UsageError naming the value and the accepted ones."""
+def _stage_list(key, value, student):
+  """``heads`` / ``early_exit`` -> sorted stage indices 1..n-1; UsageError naming the value and
+  the accepted ones."""
   if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
     return ()
   num_heads = student.num_stages - 1 if isinstance(student, ZooNet) else 0
@@ -58,7 +60,7 @@ def _exit_list(value, student):
     if isinstance(item, str) and item.strip().isdigit():
       item = int(item)
     if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= num_heads:
-      raise UsageError(f"early_exit={value!r} for BYOT on {arch_name(student)}: {accepted}")
+      raise UsageError(f"{key}={value!r} for BYOT on {arch_name(student)}: {accepted}")
     out.append(item)
   return tuple(sorted(set(out)))
 
@@ -72,12 +74,19 @@ class BYOT(Distiller):
   method_weight = 0.03
   temperature = 3.0
 
-  def __init__(self, student, teacher, *, alpha=0.3, early_exit=None, **kwargs):
+  def __init__(self, student, teacher, *, alpha=0.3, heads="all", early_exit=None, **kwargs):
     super().__init__(student, teacher, **kwargs)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
       raise UsageError(f"alpha={alpha!r} for BYOT: must be a number in [0, 1]")
     self.alpha = float(alpha)
-    self.exits = _exit_list(early_exit, student)
+    self.head_stages = _stage_list("heads", heads, student)
+    if not self.head_stages:
+      raise UsageError(f"heads={heads!r} for BYOT: needs at least one head (all, or stage "
+                       "indices such as 1 or 1+2)")
+    self.exits = _stage_list("early_exit", early_exit, student)
+    if set(self.exits) - set(self.head_stages):
+      raise UsageError(f"early_exit={early_exit!r} for BYOT: exits need heads; the heads are at "
+                       f"stages {'+'.join(map(str, self.head_stages))} (heads={heads!r})")
     for i in self.exits:
       try:
         nb.check_branchable(student, i)
@@ -94,7 +103,8 @@ class BYOT(Distiller):
     last = s.features[-1]
     width = int(s.embedding.shape[-1])
     heads = []
-    for i, f in enumerate(s.features[1:-1], start=1):
+    for i in self.head_stages:
+      f = s.features[i]
       steps, size = 0, int(f.shape[1])
       while size > int(last.shape[1]):
         size = (size + 1) // 2
@@ -112,8 +122,12 @@ class BYOT(Distiller):
                          f"stage {i} gives {got}, head {i} reads {tuple(s.features[i].shape[1:])}")
 
   def head_outputs(self, s, training):
-    return [tuple(tf.cast(x, tf.float32) for x in h(f, training=training))
-            for h, f in zip(self.heads, s.features[1:-1])]
+    return [tuple(tf.cast(x, tf.float32) for x in h(s.features[i], training=training))
+            for h, i in zip(self.heads, self.head_stages)]
+
+  def head_at(self, stage):
+    """The head reading stage ``stage``'s feature."""
+    return self.heads[self.head_stages.index(stage)]
 
   def terms(self, s, t, batch, *, training=True):
     del t
@@ -132,17 +146,18 @@ class BYOT(Distiller):
 
   def extra_exports(self):
     """``exit<i>``: standalone early-exit classifiers (``nets.exits.EarlyExit``)."""
-    return {f"exit{i}": nx.export_exit(self.student, self.heads[i - 1], i, self.image_shape)
+    return {f"exit{i}": nx.export_exit(self.student, self.head_at(i), i, self.image_shape)
             for i in self.exits}
 
   def eval_models(self):
     def view(i):
       def fn(x, training):
         s = as_float32(self.student(x, training=training, features=True))
-        return self.heads[i](s.features[i + 1], training=training)[0]
+        return self.head_at(i)(s.features[i], training=training)[0]
       return _View(fn)
-    return {f"head{i + 1}": view(i) for i in range(len(self.heads))}
+    return {f"head{i}": view(i) for i in self.head_stages}
 
   def hparams(self):
     return {**super().hparams(), "alpha": self.alpha,
+            "heads": ",".join(map(str, self.head_stages)),
             "early_exit": ",".join(map(str, self.exits)) or "none"}
