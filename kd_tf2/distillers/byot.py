@@ -42,15 +42,14 @@ from nets import exits as nx
 from nets.base import ZooNet
 
 
-def _stage_list(key, value, student):
-  """``heads`` / ``early_exit`` -> sorted stage indices 1..n-1; UsageError naming the value and
-  the accepted ones."""
+def _stage_list(key, value, num_heads, who, why_none=""):
+  """``heads`` / ``early_exit`` -> sorted stage indices 1..num_heads; UsageError naming the value
+  and the accepted ones (``who``: the net's name; ``why_none``: why it has no head index)."""
   if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
     return ()
-  num_heads = student.num_stages - 1 if isinstance(student, ZooNet) else 0
   accepted = (f"accepted: none, all, or head indices 1..{num_heads} (e.g. 1 or 1+2)"
               if num_heads >= 1 else
-              f"accepted: none ({arch_name(student)} is not a zoo net of 2+ stages)")
+              f"accepted: none ({why_none or who + ' has fewer than 2 stages'})")
   if isinstance(value, str) and value.strip().lower() == "all" and num_heads >= 1:
     return tuple(range(1, num_heads + 1))
   items = value.split("+") if isinstance(value, str) else value
@@ -60,7 +59,7 @@ def _stage_list(key, value, student):
     if isinstance(item, str) and item.strip().isdigit():
       item = int(item)
     if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= num_heads:
-      raise UsageError(f"{key}={value!r} for BYOT on {arch_name(student)}: {accepted}")
+      raise UsageError(f"{key}={value!r} for BYOT on {who}: {accepted}")
     out.append(item)
   return tuple(sorted(set(out)))
 
@@ -79,14 +78,13 @@ class BYOT(Distiller):
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
       raise UsageError(f"alpha={alpha!r} for BYOT: must be a number in [0, 1]")
     self.alpha = float(alpha)
-    self.head_stages = _stage_list("heads", heads, student)
-    if not self.head_stages:
-      raise UsageError(f"heads={heads!r} for BYOT: needs at least one head (all, or stage "
-                       "indices such as 1 or 1+2)")
-    self.exits = _stage_list("early_exit", early_exit, student)
-    if set(self.exits) - set(self.head_stages):
-      raise UsageError(f"early_exit={early_exit!r} for BYOT: exits need heads; the heads are at "
-                       f"stages {'+'.join(map(str, self.head_stages))} (heads={heads!r})")
+    self.heads_arg, self.early_exit_arg = heads, early_exit
+    # exits run a truncated zoo net (nets.exits); heads read any net's features (set in setup)
+    zoo = isinstance(student, ZooNet)
+    self.exits = _stage_list("early_exit", early_exit, student.num_stages - 1 if zoo else 0,
+                             arch_name(student), "" if zoo else
+                             f"{arch_name(student)} is not a zoo net: early exits need one")
+    self.head_stages = ()
     for i in self.exits:
       try:
         nb.check_branchable(student, i)
@@ -100,6 +98,15 @@ class BYOT(Distiller):
 
   def build_connectors(self, s, t):
     del t
+    heads = self.heads_arg
+    self.head_stages = _stage_list("heads", heads, len(s.features) - 2, arch_name(self.student))
+    if not self.head_stages:
+      raise UsageError(f"heads={heads!r} for BYOT: needs at least one head (all, or stage "
+                       "indices such as 1 or 1+2)")
+    if set(self.exits) - set(self.head_stages):
+      raise UsageError(f"early_exit={self.early_exit_arg!r} for BYOT: exits need heads; the "
+                       f"heads are at stages {'+'.join(map(str, self.head_stages))} "
+                       f"(heads={heads!r})")
     last = s.features[-1]
     width = int(s.embedding.shape[-1])
     heads = []
