@@ -124,6 +124,14 @@ def batch(b=8, seed=0):
           "index": tf.range(b, dtype=tf.int64)}
 
 
+@pytest.mark.parametrize("method", ["ONE", "OKDDip"])
+@pytest.mark.parametrize("value", [-1, "soon", True])
+def test_bad_rampup_is_one_line(method, value):
+  with pytest.raises(UsageError, match=rf"^rampup={value!r} for {method}: must be a number of "
+                     r"epochs >= 0$"):
+    distillers.create(method, net(), None, rampup=value)
+
+
 @pytest.mark.parametrize("epoch,ramp", [(0, np.exp(-5.0)), (60, np.exp(-5.0 / 16)), (80, 1.0)])
 def test_sigmoid_rampup_is_the_authors_consistency_weight(epoch, ramp):
   assert float(L.sigmoid_rampup(epoch, 80.0)) == pytest.approx(ramp, rel=1e-6)

@@ -19,7 +19,7 @@ import tensorflow as tf
 import nets
 from nets import branched as nb
 from nets import ensembles
-from kd_tf2.checks import is_int
+from kd_tf2.checks import is_int, is_number
 from kd_tf2.distillers.base import Distiller, StepOutput, arch_name, as_float32
 from kd_tf2.errors import UsageError
 
@@ -233,6 +233,14 @@ def int_tuple(key, value, method):
     raise UsageError(f"{key}={value!r} for method {method}: give an int, or ints joined by '-' "
                      "or '/' (e.g. 1-2)")
   return out
+
+
+def rampup_epochs(value, method):
+  """``rampup=`` of ONE and OKDDip (epochs of their code's consistency ramp-up, >= 0) as a float;
+  ``UsageError`` otherwise."""
+  if not is_number(value) or value < 0:
+    raise UsageError(f"rampup={value!r} for {method}: must be a number of epochs >= 0")
+  return float(value)
 
 
 def dense(units, name):

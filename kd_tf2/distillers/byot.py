@@ -143,9 +143,8 @@ class BYOT(Distiller):
     deep_feature = tf.stop_gradient(s.embedding)
     outs = self.head_outputs(s, training)
     ce = tf.add_n([self.cross_entropy(z, labels) for z, _ in outs])
-    # soft_target is T^2 KL; the authors' code has no T^2 factor
-    t2 = self.temperature * self.temperature
-    kl = tf.add_n([kd_losses.soft_target(z, deep_logits, self.temperature) for z, _ in outs]) / t2
+    # the authors' code has no T^2 factor
+    kl = tf.add_n([kd_losses.kl_without_t2(z, deep_logits, self.temperature) for z, _ in outs])
     feat = tf.add_n([tf.reduce_mean(tf.reduce_sum(tf.square(f - deep_feature), axis=-1))
                      for _, f in outs])
     return {"byot_ce": (1.0 - self.alpha) * ce, "byot_kl": self.alpha * kl,

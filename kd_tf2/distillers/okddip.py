@@ -24,9 +24,9 @@ import keras
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
-from kd_tf2.checks import is_int, is_number
+from kd_tf2.checks import is_int
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import BranchedDistiller, JointStep
+from kd_tf2.distillers._online import BranchedDistiller, JointStep, rampup_epochs
 from kd_tf2.errors import UsageError
 
 
@@ -42,12 +42,10 @@ class OKDDip(JointStep, BranchedDistiller):
 
   def __init__(self, student, teacher, *, rampup=80.0, factor=8, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if not is_number(rampup) or rampup < 0:
-      raise UsageError(f"rampup={rampup!r} for OKDDip: must be a number of epochs >= 0")
     if not is_int(factor) or factor < 1:
       raise UsageError(f"factor={factor!r} for OKDDip: must be an integer >= 1 (the query/key "
                        "width is the embedding's divided by it)")
-    self.rampup, self.factor = float(rampup), int(factor)
+    self.rampup, self.factor = rampup_epochs(rampup, "OKDDip"), int(factor)
     self.ensemble_members = tuple(range(1, self.num_branches))  # the peers
 
   def build_connectors(self, s, t):

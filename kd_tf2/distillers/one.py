@@ -23,10 +23,8 @@ Per replica: all terms are per-sample means; the gate is per sample (no batch st
 import tensorflow as tf
 
 from kd_tf2 import losses as kd_losses
-from kd_tf2.checks import is_number
 from kd_tf2.distillers import register
-from kd_tf2.distillers._online import BranchedDistiller, JointStep, dense
-from kd_tf2.errors import UsageError
+from kd_tf2.distillers._online import BranchedDistiller, JointStep, dense, rampup_epochs
 
 
 @register("ONE")
@@ -41,9 +39,7 @@ class ONE(JointStep, BranchedDistiller):
 
   def __init__(self, student, teacher, *, rampup=80.0, **kwargs):
     super().__init__(student, teacher, **kwargs)
-    if not is_number(rampup) or rampup < 0:
-      raise UsageError(f"rampup={rampup!r} for ONE: must be a number of epochs >= 0")
-    self.rampup = float(rampup)
+    self.rampup = rampup_epochs(rampup, "ONE")
 
   def build_connectors(self, s, t):
     del t

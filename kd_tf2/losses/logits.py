@@ -140,15 +140,19 @@ def dml_kl(s_logits, peer_logits):
 
 # --------------------------------------------------------------------------- BSS, MHGD
 
-def kl_without_t2(s_logits, t_logits, temperature, mask):
-  """BSS's KL: masked batch-mean of KL(softmax(t/T) || softmax(s/T)) without T^2 (Zoo BSS).
+def kl_without_t2(s_logits, t_logits, temperature, mask=None):
+  """BSS's KL: masked batch-mean of KL(softmax(t/T) || softmax(s/T)) without T^2 (Zoo BSS; also
+  BYOT's, as its authors' code).
 
-  s_logits, t_logits: [B, K]; mask: [B] bool or 0/1 (rows that count). Float32 scalar.
+  s_logits, t_logits: [B, K]; mask: [B] bool or 0/1 (rows that count), None: every row.
+  Float32 scalar. The teacher keeps its gradient (stop it where the method detaches it).
   """
   s_logits, t_logits = _f32(s_logits), _f32(t_logits)
   log_p_t = tf.nn.log_softmax(t_logits / temperature)
   log_p_s = tf.nn.log_softmax(s_logits / temperature)
   per_row = tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=1)
+  if mask is None:
+    return tf.reduce_mean(per_row)
   mask = tf.cast(mask, tf.float32)
   return tf.reduce_sum(per_row * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
